@@ -1,0 +1,59 @@
+"""MAESTRO-scale training: a causal 2 x 512 LSTM reading pitch, dt and velocity."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default configuration, locked so a misspelt override is an error."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dir = ""  # A folder written by `musicgen prepare`; `--data` sets it.
+  config.data.window = 256  # Events the model reads per training example.
+  config.data.sustain = True  # Apply the sustain pedal when reading MIDI.
+  config.data.workers = 0  # grain worker processes (0: in the training process).
+  config.data.prefetch = 4  # Batches each worker keeps ready.
+  config.data.transpose = 6  # Random transposition in [-transpose, +transpose] semitones.
+  config.data.time_stretch = 0.1  # dt scaled by one factor in [1 - s, 1 + s].
+  config.data.loudness_stretch = 0.1  # Onset velocity scaled by one factor in [1 - s, 1 + s].
+  config.data.eval_windows = 256  # Fixed validation windows scored at each evaluation.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.inputs = "pitch+dt+velocity"  # Or "pitch" (the original).
+  config.model.embed = 64
+  config.model.hidden = 512
+  config.model.layers = 2
+  config.model.head_divisors = (2, 4)  # Head widths hidden // 2 and hidden // 4, as the original.
+  config.model.dropout = 0.1
+  config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
+  config.model.param_dtype = "float32"
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 100_000
+  config.train.batch_size = 64
+  config.train.isolation = "strict"  # Or "joint" (the original code: losses summed into the trunk).
+  config.train.predict_last = 0  # Score only the last k positions (0: every position).
+  config.train.log_every = 50
+  config.train.eval_every = 1000
+  config.train.checkpoint_every = 1000
+  config.train.keep_checkpoints = 3
+  config.train.optimizers = ml_collections.ConfigDict()
+  for name in ("pitch", "time", "velocity"):
+    optimizer = ml_collections.ConfigDict()
+    optimizer.name = "adam"  # adam, adamw or sgd.
+    optimizer.learning_rate = 1e-3
+    optimizer.warmup_steps = 500
+    optimizer.decay = "cosine"  # constant, cosine or exponential.
+    optimizer.decay_rate = 1.0  # Exponential decay factor per `decay_steps`.
+    optimizer.decay_steps = 1
+    optimizer.weight_decay = 0.0
+    optimizer.clip_norm = 1.0  # Global-norm clipping of this optimizer's gradients (0: off).
+    config.train.optimizers[name] = optimizer
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.release_threshold = 0.5  # Predicted velocity (MIDI units) below this is a release.
+  config.sample.max_dt = 4.0  # Seconds; longer predicted gaps are clipped.
+
+  config.lock()
+  return config

@@ -1,0 +1,88 @@
+"""The prepared event corpus on disk: per split, all events concatenated plus per-piece offsets.
+
+Each split is a folder of plain `.npy` arrays, memory-mapped when read so that grain workers
+share the page cache instead of copying the corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+FIELDS = ("pitch", "dt", "velocity")
+DTYPES = {"pitch": np.uint8, "dt": np.float32, "velocity": np.uint8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Events:
+  """One event stream: `pitch` 0-127, `dt` seconds since the previous event, `velocity` (0 = release)."""
+
+  pitch: np.ndarray
+  dt: np.ndarray
+  velocity: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.pitch)
+
+  @classmethod
+  def concatenate(cls, pieces: Sequence["Events"]) -> "Events":
+    return cls(*(np.concatenate([getattr(p, f) for p in pieces]).astype(DTYPES[f]) if pieces
+                 else np.zeros(0, DTYPES[f]) for f in FIELDS))
+
+
+@dataclasses.dataclass(frozen=True)
+class EventStore:
+  """A split opened from disk: `events` of all pieces back to back, piece i at offsets[i]:offsets[i+1]."""
+
+  events: Events
+  offsets: np.ndarray
+
+  @property
+  def num_pieces(self) -> int:
+    return len(self.offsets) - 1
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+  def piece(self, index: int) -> Events:
+    start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+    return Events(*(getattr(self.events, f)[start:stop] for f in FIELDS))
+
+
+def split_dir(root: str | os.PathLike, split: str) -> Path:
+  return Path(root) / split
+
+
+def write_split(root: str | os.PathLike, split: str, pieces: Sequence[Events]) -> Path:
+  """Writes the pieces of one split atomically: a temporary folder renamed into place."""
+  final = split_dir(root, split)
+  tmp = final.with_name(f".{split}.tmp-{os.getpid()}")
+  tmp.mkdir(parents=True, exist_ok=True)
+  merged = Events.concatenate(pieces)
+  offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces], dtype=np.int64)]).astype(np.int64)
+  for field in FIELDS:
+    np.save(tmp / f"{field}.npy", getattr(merged, field))
+  np.save(tmp / "offsets.npy", offsets)
+  if final.exists():
+    old = final.with_name(f".{split}.old-{os.getpid()}")
+    final.rename(old)
+    tmp.rename(final)
+    for f in old.iterdir():
+      f.unlink()
+    old.rmdir()
+  else:
+    tmp.rename(final)
+  return final
+
+
+def open_split(root: str | os.PathLike, split: str) -> EventStore:
+  """Opens one split memory-mapped, read-only."""
+  folder = split_dir(root, split)
+  arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in (*FIELDS, "offsets")}
+  return EventStore(Events(*(arrays[f] for f in FIELDS)), np.asarray(arrays["offsets"]))
