@@ -59,6 +59,11 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
   return Path(root) / split
 
 
+def has_split(root: str | os.PathLike, split: str) -> bool:
+  """Whether `root` holds a complete prepared split of that name."""
+  return bool(root) and (split_dir(root, split) / "offsets.npy").is_file()
+
+
 def write_split(root: str | os.PathLike, split: str, pieces: Sequence[Events]) -> Path:
   """Writes the pieces of one split atomically: a temporary folder renamed into place."""
   final = split_dir(root, split)

@@ -1,0 +1,80 @@
+"""orbax checkpoints of a run: the train state and the data iterator position, last k plus the best.
+
+A checkpoint is written to a temporary folder and renamed into place by orbax, so a kill at any
+moment leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from musicgen_jax.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+BEST_METRIC = "pitch_nll"
+
+
+def checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's manager: keeps the last `keep` checkpoints and the one with the lowest validation NLL."""
+  directory = Path(workdir).resolve() / CHECKPOINT_DIR
+  if read_only and not directory.is_dir():
+    raise UserError(f"{workdir} has no checkpoints: train it first with `musicgen train --workdir {workdir}`")
+  policy = checkpoint_managers.AnyPreservationPolicy([
+      checkpoint_managers.LatestN(n=keep),
+      checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=True, n=1,
+                                keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only, create=not read_only,
+                                         best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="min")
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any] | None,
+         metrics: dict[str, float] | None = None) -> None:
+  """Starts an asynchronous save of `state` (a pytree) and the iterator position; `metrics` rank it."""
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_state is not None:
+    items["data"] = ocp.args.JsonSave(data_state)
+  manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def resolve_step(manager: ocp.CheckpointManager, which: str | int = "latest") -> int:
+  """The step named by `which`: `latest`, `best` or a step number that the manager holds."""
+  steps = list(manager.all_steps())
+  if not steps:
+    raise UserError(f"no checkpoint in {manager.directory}: train the run first")
+  if which == "latest":
+    return max(steps)
+  if which == "best":
+    best = manager.best_step()
+    if best is None:
+      raise UserError("no checkpoint has a validation score yet: use --checkpoint latest")
+    return best
+  try:
+    step = int(which)
+  except ValueError:
+    raise UserError(f"--checkpoint must be latest, best or a step number, not {which!r}") from None
+  if step not in steps:
+    raise UserError(f"no checkpoint at step {step}: the run has steps {sorted(steps)}")
+  return step
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            with_data: bool = True) -> tuple[Any, dict[str, Any] | None]:
+  """Restores the state (shaped like `abstract_state`) and, if saved and asked for, the iterator position."""
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  has_data = with_data and (Path(manager.directory) / str(step) / "data").exists()
+  if has_data:
+    items["data"] = ocp.args.JsonRestore()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise UserError(f"checkpoint {step} in {manager.directory} does not fit this model ({first_line}): "
+                    "check that the run's config.json matches the checkpoint") from None
+  return restored["state"], restored["data"] if has_data else None

@@ -1,0 +1,153 @@
+"""The three-head causal LSTM: pitch embedding, stacked unidirectional LSTMs, pitch/time/velocity heads.
+
+Continuous inputs and targets are scaled here and only here: velocity is divided by 127 (the
+velocity head predicts it in [0, 1]); dt targets stay in seconds, and dt as an input is read as
+log1p(dt / DT_INPUT_SCALE) so that milliseconds and seconds both land in a useful range.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+NUM_PITCHES = 128
+MAX_VELOCITY = 127.0
+DT_INPUT_SCALE = 0.01  # Seconds; dt inputs are fed as log1p(dt / DT_INPUT_SCALE).
+INPUT_MODES = ("pitch", "pitch+dt+velocity")
+
+
+class LSTMState(NamedTuple):
+  """The recurrent state of one LSTM layer: hidden `h` and cell `c`, both [batch, hidden]."""
+
+  h: jax.Array
+  c: jax.Array
+
+
+def continuous_inputs(dt: jax.Array, velocity: jax.Array) -> jax.Array:
+  """The scaled dt and velocity features fed beside the pitch embedding, shape [..., 2]."""
+  dt_feature = jnp.log1p(jnp.maximum(dt, 0.0) / DT_INPUT_SCALE)
+  return jnp.stack([dt_feature, velocity / MAX_VELOCITY], axis=-1)
+
+
+class LSTMLayer(nnx.Module):
+  """One unidirectional LSTM layer whose input projection runs as one matmul over all time steps.
+
+  Only the recurrent matmul stays inside `lax.scan`, which keeps the sequential part lean on every
+  backend. Gates are ordered input, forget, cell, output; the cell state is kept in float32.
+  """
+
+  def __init__(self, in_features: int, hidden: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.hidden = hidden
+    self.dtype = dtype
+    self.input_proj = nnx.Linear(in_features, 4 * hidden, dtype=dtype, param_dtype=param_dtype,
+                                 kernel_init=nnx.initializers.glorot_uniform(), rngs=rngs)
+    self.recurrent_kernel = nnx.Param(
+        nnx.initializers.orthogonal()(rngs.params(), (hidden, 4 * hidden), param_dtype))
+    forget_bias = jnp.zeros((4 * hidden,), param_dtype).at[hidden:2 * hidden].set(1.0)
+    self.input_proj.bias.value = forget_bias
+
+  def initial_state(self, batch_size: int) -> LSTMState:
+    zeros = jnp.zeros((batch_size, self.hidden), jnp.float32)
+    return LSTMState(zeros, zeros)
+
+  def __call__(self, inputs: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
+    """Runs the layer over `inputs` [batch, time, features] from `state`; returns outputs and final state."""
+    projected = self.input_proj(inputs)
+    recurrent_kernel = self.recurrent_kernel.value.astype(self.dtype)
+
+    def step(carry: LSTMState, x_t: jax.Array) -> tuple[LSTMState, jax.Array]:
+      gates = x_t.astype(jnp.float32) + jnp.dot(
+          carry.h.astype(self.dtype), recurrent_kernel, preferred_element_type=jnp.float32)
+      i, f, g, o = jnp.split(gates, 4, axis=-1)
+      c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
+      h = jax.nn.sigmoid(o) * jnp.tanh(c)
+      return LSTMState(h, c), h
+
+    final, outputs = jax.lax.scan(step, state, jnp.swapaxes(projected, 0, 1))
+    return jnp.swapaxes(outputs, 0, 1).astype(self.dtype), final
+
+
+class Head(nnx.Module):
+  """FC + Dropout + ReLU, FC + Dropout + ReLU, then FC to `out_features`: one head of the original."""
+
+  def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    sizes = (in_features, *widths)
+    self.hidden = nnx.List([
+        nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for a, b in zip(sizes[:-1], sizes[1:])])
+    self.out = nnx.Linear(sizes[-1], out_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None) -> jax.Array:
+    for layer in self.hidden:
+      x = jax.nn.relu(self.dropout(layer(x), deterministic=rngs is None, rngs=rngs))
+    return self.out(x).astype(jnp.float32)
+
+
+class MusicLSTM(nnx.Module):
+  """Pitch (and optionally dt and velocity) in; pitch logits, dt (seconds) and velocity / 127 out.
+
+  With `isolate_heads` the time and velocity heads read the LSTM features through
+  `stop_gradient`, so the trunk learns only from the pitch loss and each head from its own.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    if config.inputs not in INPUT_MODES:
+      raise ValueError(f"model.inputs must be one of {INPUT_MODES}, not {config.inputs!r}")
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.inputs = config.inputs
+    self.embed = nnx.Embed(NUM_PITCHES, config.embed, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    in_features = config.embed + (2 if config.inputs == "pitch+dt+velocity" else 0)
+    self.lstm = nnx.List([
+        LSTMLayer(in_features if i == 0 else config.hidden, config.hidden, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs)
+        for i in range(config.layers)])
+    widths = tuple(config.hidden // d for d in config.head_divisors)
+
+    def head(out_features: int) -> Head:
+      return Head(config.hidden, widths, out_features, dropout=config.dropout, dtype=dtype,
+                  param_dtype=param_dtype, rngs=rngs)
+
+    self.pitch_head = head(NUM_PITCHES)
+    self.time_head = head(1)
+    self.velocity_head = head(1)
+
+  def initial_state(self, batch_size: int) -> tuple[LSTMState, ...]:
+    """The zero state of every layer, the state a training window and a generation start from."""
+    return tuple(layer.initial_state(batch_size) for layer in self.lstm)
+
+  def features(self, inputs: Mapping[str, jax.Array],
+               state: tuple[LSTMState, ...]) -> tuple[jax.Array, tuple[LSTMState, ...]]:
+    """The top LSTM layer's outputs [batch, time, hidden] for `inputs`, and the final states."""
+    x = self.embed(inputs["pitch"])
+    if self.inputs == "pitch+dt+velocity":
+      x = jnp.concatenate([x, continuous_inputs(inputs["dt"], inputs["velocity"]).astype(x.dtype)], -1)
+    final = []
+    for layer, layer_state in zip(self.lstm, state):
+      x, layer_final = layer(x, layer_state)
+      final.append(layer_final)
+    return x, tuple(final)
+
+  def heads(self, features: jax.Array, *, isolate_heads: bool,
+            rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
+    """The three predictions from LSTM features: `pitch_logits`, `dt` (seconds), `velocity` (/127)."""
+    side = jax.lax.stop_gradient(features) if isolate_heads else features
+    return {
+        "pitch_logits": self.pitch_head(features, rngs=rngs),
+        "dt": self.time_head(side, rngs=rngs)[..., 0],
+        "velocity": self.velocity_head(side, rngs=rngs)[..., 0],
+    }
+
+  def __call__(self, inputs: Mapping[str, jax.Array], state: tuple[LSTMState, ...] | None = None, *,
+               isolate_heads: bool = True,
+               rngs: nnx.Rngs | None = None) -> tuple[dict[str, jax.Array], tuple[LSTMState, ...]]:
+    """Predicts the next event at every position of `inputs` [batch, time]; dropout only with `rngs`."""
+    if state is None:
+      state = self.initial_state(inputs["pitch"].shape[0])
+    features, final = self.features(inputs, state)
+    return self.heads(features, isolate_heads=isolate_heads, rngs=rngs), final

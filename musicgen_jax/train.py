@@ -1,0 +1,310 @@
+"""Training: a pure jitted `train_step` over a pytree `TrainState`, evaluation, and the resumable loop."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from musicgen_jax import checkpointing, input_pipeline, models, optimizers, store
+from musicgen_jax.config import save_config
+from musicgen_jax.errors import UserError
+
+LOSSES = ("pitch", "time", "velocity")
+ISOLATION_MODES = ("strict", "joint")
+METRICS_FILE = "metrics.jsonl"
+
+
+class NonFiniteLoss(RuntimeError):
+  """A loss became NaN or Inf; the state of that step is never saved."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes: parameters, the three optimizers' state, the step and the dropout key."""
+
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int | None = None) -> models.MusicLSTM:
+  """The model of `config.model`, initialised from `seed` (default: the config's seed)."""
+  return models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed if seed is None else seed))
+
+
+def create_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, TrainState]:
+  """The model's graph definition (static) and a fresh train state, all from `config.seed`."""
+  graphdef, params = nnx.split(create_model(config), nnx.Param)
+  opt_state = optimizers.make_optimizer(config).init(params)
+  rng = jax.random.PRNGKey(config.seed + 1)
+  return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
+
+
+def position_weights(window: int, predict_last: int) -> jax.Array:
+  """Which positions of a window are scored: all, or only the last `predict_last` as the original."""
+  positions = jnp.arange(window)
+  return (positions >= window - predict_last if predict_last > 0 else positions >= 0).astype(jnp.float32)
+
+
+def event_sums(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array],
+               weights: jax.Array) -> dict[str, jax.Array]:
+  """Weighted per-event sums of every loss and metric, so batches and hosts add up exactly."""
+  log_probs = jax.nn.log_softmax(outputs["pitch_logits"])
+  target_pitch = targets["pitch"].astype(jnp.int32)
+  nll = -jnp.take_along_axis(log_probs, target_pitch[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(log_probs, axis=-1) == target_pitch).astype(jnp.float32)
+  dt_error = jnp.abs(outputs["dt"] - targets["dt"])
+  velocity_error = jnp.square(outputs["velocity"] - targets["velocity"] / models.MAX_VELOCITY)
+  weighted = lambda x: jnp.sum(x * weights)
+  return {
+      "events": jnp.sum(weights * jnp.ones_like(nll)),
+      "pitch_nll": weighted(nll),
+      "pitch_correct": weighted(correct),
+      "dt_abs_error": weighted(dt_error),
+      "velocity_sq_error": weighted(velocity_error),
+  }
+
+
+def losses_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """The three training losses (means per scored event) from `event_sums`."""
+  events = jnp.maximum(sums["events"], 1.0)
+  return {"pitch": sums["pitch_nll"] / events, "time": sums["dt_abs_error"] / events,
+          "velocity": sums["velocity_sq_error"] / events}
+
+
+def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
+  """Readable metrics from summed counts: NLL in nats/event, accuracy, dt MAE in ms, velocity RMSE in MIDI units."""
+  events = max(float(sums["events"]), 1.0)
+  return {
+      "pitch_nll": float(sums["pitch_nll"]) / events,
+      "pitch_accuracy": float(sums["pitch_correct"]) / events,
+      "dt_mae_ms": 1000.0 * float(sums["dt_abs_error"]) / events,
+      "velocity_rmse": models.MAX_VELOCITY * math.sqrt(float(sums["velocity_sq_error"]) / events),
+      "events": int(round(float(sums["events"]))),
+  }
+
+
+def zero_metrics() -> dict[str, jax.Array]:
+  """The empty on-device accumulator that `train_step` adds each step's sums into."""
+  sums = {k: jnp.zeros((), jnp.float32) for k in ("events", "pitch_nll", "pitch_correct", "dt_abs_error",
+                                                  "velocity_sq_error", "steps")}
+  sums.update({f"loss_{k}": jnp.zeros((), jnp.float32) for k in LOSSES})
+  sums.update({f"first_nonfinite_{k}": jnp.full((), -1, jnp.int32) for k in LOSSES})
+  return sums
+
+
+def train_step(state: TrainState, metrics: dict[str, jax.Array], batch: Mapping[str, Any], *,
+               graphdef: nnx.GraphDef, tx: optax.GradientTransformation, isolate_heads: bool,
+               weights: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update of all three optimizers from one batch; metrics accumulate on the device."""
+  dropout_key = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[dict, dict]]:
+    model = nnx.merge(graphdef, params)
+    outputs, _ = model(batch["inputs"], isolate_heads=isolate_heads, rngs=nnx.Rngs(dropout=dropout_key))
+    sums = event_sums(outputs, batch["targets"], weights)
+    losses = losses_from_sums(sums)
+    return sum(losses.values()), (sums, losses)
+
+  grads, (sums, losses) = jax.grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_metrics = {k: metrics[k] + sums[k] for k in sums}
+  new_metrics["steps"] = metrics["steps"] + 1
+  for name, loss in losses.items():
+    new_metrics[f"loss_{name}"] = metrics[f"loss_{name}"] + loss
+    first = metrics[f"first_nonfinite_{name}"]
+    new_metrics[f"first_nonfinite_{name}"] = jnp.where((first < 0) & ~jnp.isfinite(loss), state.step + 1, first)
+  return TrainState(state.step + 1, params, opt_state, state.rng), new_metrics
+
+
+def eval_step(params: nnx.State, batch: Mapping[str, Any], *, graphdef: nnx.GraphDef,
+              weights: jax.Array) -> dict[str, jax.Array]:
+  """Summed metrics of one evaluation batch, padding rows masked out."""
+  outputs, _ = nnx.merge(graphdef, params)(batch["inputs"])
+  return event_sums(outputs, batch["targets"], weights[None, :] * batch["mask"][:, None])
+
+
+class Trainer:
+  """The compiled steps of one config: `train_step` with donated state, `eval_step`, and `evaluate`."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    if config.train.isolation not in ISOLATION_MODES:
+      raise UserError(f"train.isolation must be one of {ISOLATION_MODES}, not {config.train.isolation!r}")
+    if not 0 <= config.train.predict_last <= config.data.window:
+      raise UserError(f"train.predict_last must be between 0 and data.window ({config.data.window})")
+    self.config = config
+    self.graphdef, self.initial_state = create_train_state(config)
+    self.tx = optimizers.make_optimizer(config)
+    weights = position_weights(config.data.window, config.train.predict_last)
+    self.train_step = jax.jit(
+        functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
+                          isolate_heads=config.train.isolation == "strict", weights=weights),
+        donate_argnums=(0, 1))
+    self.eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef, weights=weights))
+
+  def evaluate(self, params: nnx.State, batches: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Exact metrics over a fixed list of evaluation batches."""
+    totals = None
+    for batch in batches:
+      sums = self.eval_step(params, batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return summarize(jax.device_get(totals))
+
+
+class StopRequest:
+  """Turns Ctrl+C and SIGTERM into a flag the loop checks after each step, so a stop always saves."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self) -> "StopRequest":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    self.requested = True
+
+  def __exit__(self, *exc: Any) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class MetricsLog:
+  """Appends one JSON object per line to RUN/metrics.jsonl and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: Path):
+    from tensorboardX import SummaryWriter
+
+    self.path = workdir / METRICS_FILE
+    repair_torn_tail(self.path)
+    self.file = self.path.open("a")
+    self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.file.flush()
+    for key, value in metrics.items():
+      self.writer.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    self.file.close()
+    self.writer.close()
+
+
+def repair_torn_tail(path: Path) -> None:
+  """Drops a last line cut short by a kill, so metrics.jsonl stays one JSON object per line."""
+  if not path.exists():
+    return
+  data = path.read_bytes()
+  if data and not data.endswith(b"\n"):
+    path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def check_finite(step_metrics: Mapping[str, Any]) -> None:
+  """Raises NonFiniteLoss naming the first step and the loss that became NaN or Inf."""
+  bad = {name: int(step_metrics[f"first_nonfinite_{name}"]) for name in LOSSES}
+  bad = {name: step for name, step in bad.items() if step >= 0}
+  if bad:
+    name, step = min(bad.items(), key=lambda item: item[1])
+    raise NonFiniteLoss(f"the {name} loss became NaN or Inf at step {step}; the last good checkpoint is kept. "
+                        "Lower the learning rate or enable clipping (train.optimizers.<name>.clip_norm).")
+
+
+def train_metrics(totals: Mapping[str, Any], schedules: Mapping[str, optax.Schedule], step: int,
+                  seconds: float, batch_events: int) -> dict[str, float]:
+  """The logged training metrics over the steps since the last log."""
+  steps = max(float(totals["steps"]), 1.0)
+  metrics = {f"train/{k}": v for k, v in summarize(totals).items() if k != "events"}
+  metrics.update({f"train/loss_{k}": float(totals[f"loss_{k}"]) / steps for k in LOSSES})
+  metrics.update({f"train/learning_rate_{k}": float(s(step)) for k, s in schedules.items()})
+  metrics["train/step_time_s"] = seconds / steps
+  metrics["train/events_per_s"] = batch_events * steps / max(seconds, 1e-9)
+  return metrics
+
+
+def abstract_state(trainer: Trainer) -> TrainState:
+  """Shapes and dtypes of the train state, the target a checkpoint restores into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.initial_state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       progress: bool = True, stop: Callable[[int], bool] | None = None) -> TrainState:
+  """Trains to `config.train.steps`, resuming from the run's latest checkpoint, saving on stop signals.
+
+  `stop(step)` lets callers (tests, the menu) end the run early as if Ctrl+C had been pressed.
+  """
+  from tqdm import tqdm
+
+  workdir = Path(workdir)
+  data_dir = config.data.dir
+  if not store.has_split(data_dir, "train"):
+    raise UserError(f"no prepared training data at {data_dir or '(data.dir unset)'}: "
+                    "run `musicgen prepare SOURCE --out DIR` and pass --data DIR")
+  workdir.mkdir(parents=True, exist_ok=True)
+  trainer = Trainer(config)
+  save_config(config, workdir)
+  manager = checkpointing.checkpoint_manager(workdir, config.train.keep_checkpoints)
+  train_iter = input_pipeline.train_iterator(config, data_dir)
+  eval_batches = input_pipeline.eval_batches(config, data_dir) if store.has_split(data_dir, "validation") else []
+  state, start = trainer.initial_state, 0
+  if manager.latest_step() is not None:
+    start = manager.latest_step()
+    state, data_state = checkpointing.restore(manager, start, abstract_state(trainer))
+    if data_state is not None:
+      train_iter.set_state(data_state)
+  schedules = optimizers.schedules(config)
+  log = MetricsLog(workdir)
+  batch_events = config.train.batch_size * config.data.window
+  step = start
+  try:
+    with StopRequest() as stop_request, tqdm(total=config.train.steps, initial=start, disable=not progress,
+                                             unit="step", dynamic_ncols=True) as bar:
+      metrics, tick = zero_metrics(), time.perf_counter()
+      while step < config.train.steps and not stop_request.requested:
+        batch = next(train_iter)
+        state, metrics = trainer.train_step(state, metrics, batch)
+        step += 1
+        bar.update(1)
+        last = step == config.train.steps or stop_request.requested or (stop is not None and stop(step))
+        if step % config.train.log_every == 0 or last:
+          totals = jax.device_get(metrics)
+          check_finite(totals)
+          logged = train_metrics(totals, schedules, step, time.perf_counter() - tick, batch_events)
+          log.write(step, logged)
+          bar.set_postfix(loss=f"{logged['train/loss_pitch']:.3f}")
+          metrics, tick = zero_metrics(), time.perf_counter()
+        eval_metrics = None
+        if eval_batches and (step % config.train.eval_every == 0 or last):
+          eval_metrics = trainer.evaluate(state.params, eval_batches)
+          log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        if step % config.train.checkpoint_every == 0 or last:
+          if step % config.train.log_every != 0 and not last:
+            check_finite(jax.device_get(metrics))
+          checkpointing.save(manager, step, state, train_iter.get_state(), eval_metrics)
+        if stop is not None and stop(step):
+          break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    log.close()
+    train_iter.close()
+  return state

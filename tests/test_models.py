@@ -1,0 +1,97 @@
+"""The model: output shapes, causality, both input modes, and bfloat16 compute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from musicgen_jax import models
+from musicgen_jax.config import apply_overrides, load_config
+
+
+def random_inputs(batch: int, window: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {
+      "pitch": jnp.asarray(rng.integers(0, 128, (batch, window)), jnp.int32),
+      "dt": jnp.asarray(rng.random((batch, window)), jnp.float32),
+      "velocity": jnp.asarray(rng.integers(0, 128, (batch, window)), jnp.float32),
+  }
+
+
+def tiny_model(*overrides: str) -> models.MusicLSTM:
+  config = apply_overrides(load_config("tiny"), overrides)
+  return models.MusicLSTM(config.model, rngs=nnx.Rngs(params=0))
+
+
+@pytest.mark.parametrize("inputs", models.INPUT_MODES)
+def test_output_shapes(inputs):
+  model = tiny_model(f"model.inputs={inputs}", "model.layers=3")
+  outputs, state = model(random_inputs(3, 7))
+  assert outputs["pitch_logits"].shape == (3, 7, 128)
+  assert outputs["dt"].shape == (3, 7)
+  assert outputs["velocity"].shape == (3, 7)
+  assert len(state) == 3 and state[0].h.shape == (3, 64)
+
+
+def test_head_widths_follow_the_original():
+  model = tiny_model("model.hidden=128")
+  assert [layer.kernel.value.shape for layer in model.pitch_head.hidden] == [(128, 64), (64, 32)]
+  assert model.time_head.out.kernel.value.shape == (32, 1)
+
+
+@pytest.mark.parametrize("inputs", models.INPUT_MODES)
+def test_causal_outputs_before_a_change_are_unchanged(inputs):
+  model = tiny_model(f"model.inputs={inputs}")
+  x = random_inputs(2, 12)
+  t = 5
+  changed = dict(x, pitch=x["pitch"].at[:, t].set((x["pitch"][:, t] + 1) % 128),
+                 dt=x["dt"].at[:, t].add(0.5), velocity=x["velocity"].at[:, t].set(0.0))
+  before, _ = model(x)
+  after, _ = model(changed)
+  for key in before:
+    np.testing.assert_array_equal(before[key][:, :t], after[key][:, :t])
+    assert not np.allclose(before[key][:, t:], after[key][:, t:])
+
+
+def test_pitch_only_model_ignores_dt_and_velocity():
+  model = tiny_model("model.inputs=pitch")
+  x = random_inputs(2, 6)
+  a, _ = model(x)
+  b, _ = model(dict(x, dt=x["dt"] * 3, velocity=x["velocity"] * 0))
+  np.testing.assert_array_equal(a["pitch_logits"], b["pitch_logits"])
+
+
+def test_state_carries_across_calls_like_one_long_call():
+  model = tiny_model()
+  x = random_inputs(2, 10)
+  whole, _ = model(x)
+  first, state = model(jax.tree.map(lambda a: a[:, :4], x))
+  second, _ = model(jax.tree.map(lambda a: a[:, 4:], x), state)
+  np.testing.assert_allclose(jnp.concatenate([first["pitch_logits"], second["pitch_logits"]], 1),
+                             whole["pitch_logits"], atol=1e-5)
+
+
+def test_dropout_only_with_rngs():
+  model = tiny_model("model.dropout=0.5")
+  x = random_inputs(2, 5)
+  a, _ = model(x)
+  b, _ = model(x)
+  c, _ = model(x, rngs=nnx.Rngs(dropout=1))
+  np.testing.assert_array_equal(a["dt"], b["dt"])
+  assert not np.allclose(a["dt"], c["dt"])
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs_close():
+  x = random_inputs(2, 8)
+  full, _ = tiny_model()(x)
+  half_model = tiny_model("model.dtype=bfloat16")
+  half, _ = half_model(x)
+  assert half_model.lstm[0].recurrent_kernel.value.dtype == jnp.float32
+  assert half["pitch_logits"].dtype == jnp.float32
+  np.testing.assert_allclose(half["pitch_logits"], full["pitch_logits"], atol=0.1)
+
+
+def test_unknown_input_mode_is_rejected():
+  with pytest.raises(ValueError, match="model.inputs"):
+    tiny_model("model.inputs=pitch+velocity")
