@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax
 import jax
@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from musicgen_jax import checkpointing, input_pipeline, models, optimizers, store
-from musicgen_jax.config import save_config
+from musicgen_jax.config import read_config, save_config
 from musicgen_jax.errors import UserError
 
 LOSSES = ("pitch", "time", "velocity")
@@ -241,9 +241,9 @@ def train_metrics(totals: Mapping[str, Any], schedules: Mapping[str, optax.Sched
   return metrics
 
 
-def abstract_state(trainer: Trainer) -> TrainState:
-  """Shapes and dtypes of the train state, the target a checkpoint restores into."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.initial_state)
+def abstract_state(state: TrainState) -> TrainState:
+  """Shapes and dtypes of a train state, the target a checkpoint restores into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -268,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   state, start = trainer.initial_state, 0
   if manager.latest_step() is not None:
     start = manager.latest_step()
-    state, data_state = checkpointing.restore(manager, start, abstract_state(trainer))
+    state, data_state = checkpointing.restore(manager, start, abstract_state(trainer.initial_state))
     if data_state is not None:
       train_iter.set_state(data_state)
   schedules = optimizers.schedules(config)
@@ -308,3 +308,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     log.close()
     train_iter.close()
   return state
+
+
+class LoadedRun(NamedTuple):
+  """A trained run ready for inference: its saved config, the model's graph and parameters, the step."""
+
+  config: ml_collections.ConfigDict
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  step: int
+
+
+def load_run(workdir: str | os.PathLike, checkpoint: str | int = "latest") -> LoadedRun:
+  """Loads a run folder's config and the parameters of one checkpoint (`latest`, `best` or a step)."""
+  if not Path(workdir).is_dir():
+    raise UserError(f"run folder {workdir} does not exist: train one with `musicgen train --workdir {workdir}`")
+  config = read_config(workdir)
+  manager = checkpointing.checkpoint_manager(workdir, read_only=True)
+  try:
+    step = checkpointing.resolve_step(manager, checkpoint)
+    graphdef, initial = create_train_state(config)
+    state, _ = checkpointing.restore(manager, step, abstract_state(initial), with_data=False)
+  finally:
+    manager.close()
+  return LoadedRun(config, graphdef, state.params, step)

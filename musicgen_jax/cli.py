@@ -1,0 +1,214 @@
+"""The `musicgen` command: prepare, train, generate, evaluate, demo, config, and the original's menu.
+
+Heavy imports (JAX, note-seq) happen inside the subcommands so that `musicgen --help` is instant and
+`prepare` can start its worker processes before JAX starts any thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from musicgen_jax import __version__, paths
+from musicgen_jax.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+  return value
+
+
+def fraction(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0.0 <= value < 1.0:
+    raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+  return value
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+  from musicgen_jax import prepare
+
+  manifest = prepare.prepare_corpus(args.sources, args.out, workers=args.workers, filter_text=args.filter,
+                                    val_fraction=args.val_fraction, sustain=not args.no_sustain)
+  counts = ", ".join(f"{name}: {split['files']} files, {split['events']} events"
+                     for name, split in manifest["splits"].items())
+  print(f"prepared {args.out} ({counts})")
+  return 0
+
+
+def run_config(workdir: str, config_name: str | None, data: str | None, overrides: Sequence[str]):
+  """The config a `train` invocation runs: the run's saved one on resume, else `--config`, plus overrides."""
+  from musicgen_jax import config as config_lib
+
+  saved = (Path(workdir) / config_lib.CONFIG_FILE).is_file()
+  base = config_lib.read_config(workdir) if saved else config_lib.load_config(config_name or "default")
+  extra = [f"data.dir={Path(data).resolve()}"] if data else []
+  config = config_lib.apply_overrides(base, [*extra, *overrides])
+  if saved:
+    asked = config_lib.apply_overrides(config_lib.load_config(config_name), overrides) if config_name else config
+    changed = config_lib.model_differences(base, asked)
+    if changed:
+      raise UserError(f"{workdir} was trained with another model shape ({'; '.join(changed)}): "
+                      "resume without changing model.* or use a new --workdir")
+  return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+  from musicgen_jax import train
+
+  config = run_config(args.workdir, args.config, args.data, args.overrides)
+  try:
+    state = train.train_and_evaluate(config, args.workdir, progress=not args.quiet)
+  except train.NonFiniteLoss as error:
+    print(f"musicgen: training stopped: {error}", file=sys.stderr)
+    return 1
+  print(f"saved step {int(state.step)} of {config.train.steps} in {Path(args.workdir) / 'checkpoints'}")
+  return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+  from musicgen_jax import evaluate
+
+  print(json.dumps(evaluate.evaluate_run(args.workdir, args.data, split=args.split, checkpoint=args.checkpoint)))
+  return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+  from musicgen_jax import sampling
+
+  files = sampling.generate(args.workdir, args.out, num=args.num, length=args.length, batch_size=args.batch_size,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            primer=args.primer, primer_events=args.primer_events, keep_primer=args.keep_primer,
+                            checkpoint=args.checkpoint, prefix=args.prefix, progress=not args.quiet)
+  print(f"wrote {len(files)} MIDI file{'s' * (len(files) != 1)} to {Path(args.out).resolve()}")
+  return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+  from musicgen_jax import config as config_lib
+
+  config = config_lib.read_config(args.workdir) if args.workdir else config_lib.load_config(args.config)
+  print(config_lib.apply_overrides(config, args.overrides))
+  return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+  from musicgen_jax import demo
+
+  demo.run_demo(args.home, steps=args.steps)
+  return 0
+
+
+def cmd_menu(args: argparse.Namespace) -> int:
+  from musicgen_jax import menu
+
+  return menu.run_menu(sys.stdin, sys.stdout)
+
+
+def add_checkpoint_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--checkpoint", default="latest", metavar="STEP|best|latest",
+                      help="which checkpoint of the run to load (default: latest)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="musicgen", description="Train a causal three-head LSTM on piano MIDI and generate new MIDI. "
+      "With no arguments, opens the interactive menu (also scriptable through a pipe).")
+  parser.add_argument("--version", action="version", version=f"musicgen-jax {__version__}")
+  commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+  def command(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(handler=handler)
+    return sub
+
+  prep = command("prepare", cmd_prepare, "Turn MIDI files (a MAESTRO root, folders or files) into an event corpus.")
+  prep.add_argument("sources", nargs="+", metavar="SOURCE", help="MAESTRO root, folder of MIDI files, or MIDI file")
+  prep.add_argument("--out", required=True, metavar="DIR", help="folder to write the prepared corpus to")
+  prep.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="parser processes (default: all cores)")
+  prep.add_argument("--filter", metavar="TEXT", help="keep only pieces whose path, composer or title contains TEXT")
+  prep.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F",
+                    help="share of a plain folder held out for validation (default 0.1; MAESTRO uses its own split)")
+  prep.add_argument("--no-sustain", action="store_true", help="ignore the sustain pedal")
+
+  tr = command("train", cmd_train, "Train a run, or resume it from its latest checkpoint. Ctrl+C saves and exits.")
+  tr.add_argument("--workdir", required=True, metavar="RUN", help="run folder (config, checkpoints, logs)")
+  tr.add_argument("--config", metavar="FILE|NAME", help="config file or bundled name: default, tiny, original")
+  tr.add_argument("--data", metavar="DIR", help="prepared corpus from `musicgen prepare` (sets data.dir)")
+  tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=5000")
+  tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+  gen = command("generate", cmd_generate, "Write new MIDI files from a trained run.")
+  gen.add_argument("--workdir", required=True, metavar="RUN", help="run folder to load")
+  gen.add_argument("--out", default=str(paths.outputs_dir()), metavar="DIR",
+                   help="folder for the MIDI files (default: $MUSICGEN_HOME/generated)")
+  gen.add_argument("--num", type=positive_int, default=1, metavar="N", help="files to write (default 1)")
+  gen.add_argument("--length", type=positive_int, default=1024, metavar="EVENTS", help="events per file (default 1024)")
+  gen.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="files sampled at once (default 64)")
+  gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="pitch sampling temperature (default 1)")
+  gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only among the K likeliest pitches (0: off)")
+  gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
+  gen.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+  gen.add_argument("--primer", metavar="FILE.mid", help="MIDI file whose events warm up the model")
+  gen.add_argument("--primer-events", type=positive_int, metavar="P", help="use only the primer's first P events")
+  gen.add_argument("--keep-primer", action="store_true", help="include the primer in the written files")
+  gen.add_argument("--prefix", default="sample", help="file name prefix (default: sample)")
+  gen.add_argument("--quiet", action="store_true", help="no progress bar")
+  add_checkpoint_flag(gen)
+
+  ev = command("evaluate", cmd_evaluate, "Score a run on held-out data; prints one JSON object.")
+  ev.add_argument("--workdir", required=True, metavar="RUN", help="run folder to load")
+  ev.add_argument("--data", required=True, metavar="DIR", help="prepared corpus, MIDI folder or MAESTRO root")
+  ev.add_argument("--split", default="validation", help="split to score (default: validation)")
+  add_checkpoint_flag(ev)
+
+  cf = command("config", cmd_config, "Print a config with its keys (bundled, a file, or a run's).")
+  cf.add_argument("--config", default="default", metavar="FILE|NAME", help="config to print (default: default)")
+  cf.add_argument("--workdir", metavar="RUN", help="print this run's saved config instead")
+  cf.add_argument("overrides", nargs="*", metavar="key=value", help="overrides to apply first")
+
+  demo = command("demo", cmd_demo, "Prepare Bach chorales from music21, train the tiny model, write samples.")
+  demo.add_argument("--home", default=str(paths.home()), help="where the demo's data, run and outputs go")
+  demo.add_argument("--steps", type=positive_int, default=600, help="training steps (default 600)")
+
+  command("menu", cmd_menu, "The original's interactive menu: train, continue, generate, quit.")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of the `musicgen` console script; returns the exit code."""
+  from absl import flags
+
+  flags.FLAGS.mark_as_parsed()
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = build_parser()
+  args = parser.parse_args(argv or ["menu"])
+  if not hasattr(args, "handler"):
+    parser.print_help()
+    return EXIT_USER_ERROR
+  try:
+    return args.handler(args)
+  except UserError as error:
+    print(f"musicgen: error: {error}", file=sys.stderr)
+    return EXIT_USER_ERROR
+  except KeyboardInterrupt:
+    print("musicgen: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

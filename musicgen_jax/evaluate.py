@@ -1,0 +1,44 @@
+"""`musicgen evaluate`: a run's checkpoint scored on the fixed windows of a held-out split."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from musicgen_jax import paths, store
+from musicgen_jax.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def prepared_data(data: str | os.PathLike, sustain: bool) -> Path:
+  """`data` itself if `musicgen prepare` wrote it, else a cached preparation of that MIDI folder or root."""
+  data = Path(data)
+  if (data / MANIFEST).is_file():
+    return data
+  if not data.exists():
+    raise UserError(f"{data} does not exist: give a prepared folder, a MIDI folder or a MAESTRO root")
+  from musicgen_jax import prepare
+
+  key = hashlib.sha256(f"{data.resolve()}|{sustain}".encode()).hexdigest()[:16]
+  out = paths.data_dir() / f"evaluate-{key}"
+  prepare.prepare_corpus([str(data)], out, workers=os.cpu_count() or 1, filter_text=None, sustain=sustain)
+  return out
+
+
+def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: str = "validation",
+                 checkpoint: str | int = "latest") -> dict[str, Any]:
+  """`pitch_nll`, `pitch_accuracy`, `dt_mae_ms`, `velocity_rmse`, `events` and `step` of one checkpoint."""
+  from musicgen_jax import config as config_lib
+  from musicgen_jax import input_pipeline, train
+
+  run_config = config_lib.read_config(workdir)
+  data_dir = prepared_data(data, run_config.data.sustain)
+  if not store.has_split(data_dir, split):
+    raise UserError(f"{data_dir} has no {split!r} split: choose one with --split (e.g. train, validation)")
+  run = train.load_run(workdir, checkpoint)
+  trainer = train.Trainer(run.config)
+  metrics = trainer.evaluate(run.params, input_pipeline.eval_batches(run.config, data_dir, split))
+  return {**metrics, "step": run.step}
