@@ -50,25 +50,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
   return 0
 
 
-def run_config(workdir: str, config_name: str | None, data: str | None, overrides: Sequence[str]):
-  """The config a `train` invocation runs: the run's saved one on resume, else `--config`, plus overrides."""
-  from musicgen_jax import config as config_lib
-
-  saved = (Path(workdir) / config_lib.CONFIG_FILE).is_file()
-  base = config_lib.read_config(workdir) if saved else config_lib.load_config(config_name or "default")
-  extra = [f"data.dir={Path(data).resolve()}"] if data else []
-  config = config_lib.apply_overrides(base, [*extra, *overrides])
-  if saved:
-    asked = config_lib.apply_overrides(config_lib.load_config(config_name), overrides) if config_name else config
-    changed = config_lib.model_differences(base, asked)
-    if changed:
-      raise UserError(f"{workdir} was trained with another model shape ({'; '.join(changed)}): "
-                      "resume without changing model.* or use a new --workdir")
-  return config
-
-
 def cmd_train(args: argparse.Namespace) -> int:
   from musicgen_jax import train
+  from musicgen_jax.config import run_config
 
   config = run_config(args.workdir, args.config, args.data, args.overrides)
   try:

@@ -139,3 +139,22 @@ def model_differences(saved: ml_collections.ConfigDict, asked: ml_collections.Co
   keys = sorted(set(saved.model.keys()) | set(asked.model.keys()))
   return [f"model.{k}: {saved.model.get(k)!r} -> {asked.model.get(k)!r}"
           for k in keys if saved.model.get(k) != asked.model.get(k)]
+
+
+def run_config(workdir: str | os.PathLike, config_name: str | None, data: str | os.PathLike | None,
+               overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """The config a training invocation runs: the run's saved one on resume, else `config_name`, plus overrides.
+
+  Resuming with a different model shape is a UserError: the checkpoint could not be restored into it.
+  """
+  saved = (Path(workdir) / CONFIG_FILE).is_file()
+  base = read_config(workdir) if saved else load_config(config_name or "default")
+  extra = [f"data.dir={Path(data).resolve()}"] if data else []
+  config = apply_overrides(base, [*extra, *overrides])
+  if saved:
+    asked = apply_overrides(load_config(config_name), overrides) if config_name else config
+    changed = model_differences(base, asked)
+    if changed:
+      raise UserError(f"{workdir} was trained with another model shape ({'; '.join(changed)}): "
+                      "resume without changing model.* or use a new --workdir")
+  return config
