@@ -55,10 +55,9 @@ class Augmentation:
 
 def open_store(data_dir: str | os.PathLike, split: str) -> store_lib.EventStore:
   """Opens a prepared split memory-mapped, or says how to create it."""
-  folder = store_lib.split_dir(data_dir, split)
-  if not (folder / "offsets.npy").is_file():
-    raise UserError(f"no prepared '{split}' split in {data_dir}: run `musicgen prepare` first "
-                    f"(expected {folder}/offsets.npy)")
+  if not store_lib.has_split(data_dir, split):
+    raise UserError(f"no prepared '{split}' split in {data_dir or '(data.dir unset)'}: "
+                    "run `musicgen prepare SOURCE --out DIR` first")
   return store_lib.open_split(data_dir, split)
 
 
@@ -147,10 +146,14 @@ def augment(windows: dict[str, np.ndarray], rng: np.random.Generator,
 
 
 def to_batch(windows: dict[str, np.ndarray]) -> Batch:
-  """Splits [B, T + 1] windows into model inputs (first T events) and targets (last T)."""
+  """Splits [B, T + 1] windows into model inputs (first T events) and targets (last T).
+
+  The halves are contiguous copies: grain hands only contiguous arrays between processes through
+  shared memory (others are pickled through a pipe, which is slower and can stall `close()`).
+  """
   windows = {k: windows[k].astype(dtype, copy=False) for k, dtype in BATCH_DTYPES.items()}
-  return {"inputs": {k: v[:, :-1] for k, v in windows.items()},
-          "targets": {k: v[:, 1:] for k, v in windows.items()}}
+  return {"inputs": {k: np.ascontiguousarray(v[:, :-1]) for k, v in windows.items()},
+          "targets": {k: np.ascontiguousarray(v[:, 1:]) for k, v in windows.items()}}
 
 
 @dataclasses.dataclass

@@ -68,6 +68,7 @@ def test_batch_layout(data_dir):
     assert {k: (v.shape, v.dtype) for k, v in part.items()} == {
         "pitch": ((BATCH, WINDOW), np.int32), "dt": ((BATCH, WINDOW), np.float32),
         "velocity": ((BATCH, WINDOW), np.float32)}
+    assert all(v.flags.c_contiguous for v in part.values())  # grain passes these via shared memory.
 
 
 @pytest.mark.parametrize("augmented", [False, True])
