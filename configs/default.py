@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     optimizer.clip_norm = 1.0  # Global-norm clipping of this optimizer's gradients (0: off).
     config.train.optimizers[name] = optimizer
 
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = 0  # Devices on the data-parallel axis (0: all of them).
+  config.mesh.distributed = False  # Call jax.distributed.initialize() first (multi-host GPU/TPU).
+
   config.sample = ml_collections.ConfigDict()
   config.sample.release_threshold = 0.5  # Predicted velocity (MIDI units) below this is a release.
   config.sample.max_dt = 4.0  # Seconds; longer predicted gaps are clipped.

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from musicgen_jax import checkpointing, input_pipeline, models, optimizers, store
 from musicgen_jax.config import read_config, save_config
@@ -141,8 +142,22 @@ def eval_step(params: nnx.State, batch: Mapping[str, Any], *, graphdef: nnx.Grap
   return event_sums(outputs, batch["targets"], weights[None, :] * batch["mask"][:, None])
 
 
+def data_mesh(config: ml_collections.ConfigDict) -> Mesh:
+  """A one-axis `data` mesh over `mesh.data` devices (0: all), across every host of the job."""
+  devices = jax.devices()
+  count = config.mesh.data or len(devices)
+  if not 0 < count <= len(devices):
+    raise UserError(f"mesh.data={config.mesh.data} but {len(devices)} devices are visible")
+  if config.train.batch_size % count:
+    raise UserError(f"train.batch_size {config.train.batch_size} does not split over {count} devices: "
+                    "make it a multiple of mesh.data")
+  return Mesh(np.asarray(devices[:count]), ("data",))
+
+
 class Trainer:
-  """The compiled steps of one config: `train_step` with donated state, `eval_step`, and `evaluate`."""
+  """The compiled steps of one config on its device mesh: parameters and optimizer state replicated,
+  batches sharded along `data`, gradients reduced by XLA.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict):
     if config.train.isolation not in ISOLATION_MODES:
@@ -150,20 +165,38 @@ class Trainer:
     if not 0 <= config.train.predict_last <= config.data.window:
       raise UserError(f"train.predict_last must be between 0 and data.window ({config.data.window})")
     self.config = config
-    self.graphdef, self.initial_state = create_train_state(config)
+    self.mesh = data_mesh(config)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+    self.graphdef, initial_state = create_train_state(config)
+    self.initial_state = jax.device_put(initial_state, self.replicated)
     self.tx = optimizers.make_optimizer(config)
     weights = position_weights(config.data.window, config.train.predict_last)
     self.train_step = jax.jit(
         functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
                           isolate_heads=config.train.isolation == "strict", weights=weights),
-        donate_argnums=(0, 1))
-    self.eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef, weights=weights))
+        in_shardings=(self.replicated, self.replicated, self.batch_sharding),
+        out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1))
+    self.eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef, weights=weights),
+                             in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
+
+  def zero_metrics(self) -> dict[str, jax.Array]:
+    return jax.device_put(zero_metrics(), self.replicated)
+
+  def shard_batch(self, local_batch: Mapping[str, Any]) -> Any:
+    """Assembles this host's rows of a batch into global arrays sharded along `data`."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local_batch)
+
+  def host_rows(self, global_batch: Mapping[str, Any]) -> Any:
+    """This host's share of a batch that every host holds whole (the fixed evaluation batches)."""
+    count, index = jax.process_count(), jax.process_index()
+    return jax.tree.map(lambda x: np.array_split(np.asarray(x), count)[index], global_batch)
 
   def evaluate(self, params: nnx.State, batches: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Exact metrics over a fixed list of evaluation batches."""
+    """Exact metrics over a fixed list of evaluation batches (each whole, as every host holds them)."""
     totals = None
     for batch in batches:
-      sums = self.eval_step(params, batch)
+      sums = self.eval_step(params, self.shard_batch(self.host_rows(batch)))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return summarize(jax.device_get(totals))
 
@@ -189,25 +222,33 @@ class StopRequest:
 
 
 class MetricsLog:
-  """Appends one JSON object per line to RUN/metrics.jsonl and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per line to RUN/metrics.jsonl and mirrors scalars to TensorBoard.
+
+  Only the first process of a multi-host job writes; the others' calls do nothing.
+  """
 
   def __init__(self, workdir: Path):
     from tensorboardX import SummaryWriter
 
-    self.path = workdir / METRICS_FILE
-    repair_torn_tail(self.path)
-    self.file = self.path.open("a")
-    self.writer = SummaryWriter(str(workdir / "tensorboard"))
+    self.primary = jax.process_index() == 0
+    if self.primary:
+      self.path = workdir / METRICS_FILE
+      repair_torn_tail(self.path)
+      self.file = self.path.open("a")
+      self.writer = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.primary:
+      return
     self.file.write(json.dumps({"step": step, **metrics}) + "\n")
     self.file.flush()
     for key, value in metrics.items():
       self.writer.add_scalar(key, value, step)
 
   def close(self) -> None:
-    self.file.close()
-    self.writer.close()
+    if self.primary:
+      self.file.close()
+      self.writer.close()
 
 
 def repair_torn_tail(path: Path) -> None:
@@ -243,7 +284,7 @@ def train_metrics(totals: Mapping[str, Any], schedules: Mapping[str, optax.Sched
 
 def abstract_state(state: TrainState) -> TrainState:
   """Shapes and dtypes of a train state, the target a checkpoint restores into."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -254,6 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """
   from tqdm import tqdm
 
+  if config.mesh.distributed and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
   workdir = Path(workdir)
   data_dir = config.data.dir
   if not store.has_split(data_dir, "train"):
@@ -263,7 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   trainer = Trainer(config)
   save_config(config, workdir)
   manager = checkpointing.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  train_iter = input_pipeline.train_iterator(config, data_dir)
+  train_iter = input_pipeline.train_iterator(config, data_dir, shard_index=jax.process_index(),
+                                            shard_count=jax.process_count())
   eval_batches = input_pipeline.eval_batches(config, data_dir) if store.has_split(data_dir, "validation") else []
   state, start = trainer.initial_state, 0
   if manager.latest_step() is not None:
@@ -278,10 +322,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   try:
     with StopRequest() as stop_request, tqdm(total=config.train.steps, initial=start, disable=not progress,
                                              unit="step", dynamic_ncols=True) as bar:
-      metrics, tick = zero_metrics(), time.perf_counter()
+      metrics, tick = trainer.zero_metrics(), time.perf_counter()
       while step < config.train.steps and not stop_request.requested:
-        batch = next(train_iter)
-        state, metrics = trainer.train_step(state, metrics, batch)
+        state, metrics = trainer.train_step(state, metrics, trainer.shard_batch(next(train_iter)))
         step += 1
         bar.update(1)
         last = step == config.train.steps or stop_request.requested or (stop is not None and stop(step))
@@ -291,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           logged = train_metrics(totals, schedules, step, time.perf_counter() - tick, batch_events)
           log.write(step, logged)
           bar.set_postfix(loss=f"{logged['train/loss_pitch']:.3f}")
-          metrics, tick = zero_metrics(), time.perf_counter()
+          metrics, tick = trainer.zero_metrics(), time.perf_counter()
         eval_metrics = None
         if eval_batches and (step % config.train.eval_every == 0 or last):
           eval_metrics = trainer.evaluate(state.params, eval_batches)

@@ -100,3 +100,40 @@ def test_torn_metrics_line_is_repaired(tmp_path):
   path.write_text('{"step": 1}\n{"step": 2, "train/lo')
   train.repair_torn_tail(path)
   assert path.read_text() == '{"step": 1}\n'
+
+
+DATA_PARALLEL_SCRIPT = """
+import sys
+import jax
+import numpy as np
+from musicgen_jax import input_pipeline, train
+from musicgen_jax.config import apply_overrides, load_config
+
+assert jax.device_count() == 4, jax.devices()
+params = {}
+for devices in (1, 4):
+  config = apply_overrides(load_config("tiny"), [f"data.dir={sys.argv[1]}", f"mesh.data={devices}",
+                                                 "model.dropout=0.0", "train.batch_size=8"])
+  trainer = train.Trainer(config)
+  batches = input_pipeline.train_iterator(config, config.data.dir)
+  state, metrics = trainer.initial_state, trainer.zero_metrics()
+  for _ in range(5):
+    state, metrics = trainer.train_step(state, metrics, trainer.shard_batch(next(batches)))
+  assert len(state.params["embed"]["embedding"].value.sharding.device_set) == devices
+  params[devices] = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+worst = max(float(np.max(np.abs(a - b))) for a, b in zip(params[1], params[4]))
+print("max difference", worst)
+assert worst < 1e-5, worst
+"""
+
+
+def test_four_devices_match_one_device(corpus):
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, str(corpus)], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "max difference" in result.stdout
