@@ -26,6 +26,9 @@ WRITE_QPM = 120.0
 # At 120 qpm one tick is 1/3840 s: a refinement of the 1/768 s grid of MAESTRO (384 per quarter,
 # 120 qpm), so its times survive a write unchanged, and 0.13 ms at most off for other files.
 WRITE_TICKS_PER_QUARTER = 1920
+# pretty_midi holds one float per tick of the whole file, several times over: 2e7 ticks (over 5 hours at
+# 480 per quarter, 120 qpm) take about 0.6 GB. note-seq allows 1e10, enough to exhaust any memory.
+MAX_TICKS = 2 * 10**7
 
 
 class MidiReadError(ValueError):
@@ -138,11 +141,14 @@ def _read_track(data: bytes, pos: int) -> tuple[list, int]:
 
 
 def _parse_midi(data: bytes) -> mido.MidiFile:
-  """A whole file decoded like `mido.MidiFile(file=...)`: the same tracks of messages, or an exception."""
+  """A whole file decoded like `mido.MidiFile(file=...)`: the same tracks of messages, or an exception.
+
+  Unlike mido, also raises for files longer than MAX_TICKS.
+  """
   import mido
-  name, size = struct.unpack_from(">4sL", data, 0)
-  if name != b"MThd":
+  if not data.startswith(b"MThd"):
     raise OSError("not a MIDI file")
+  size, = struct.unpack_from(">L", data, 4)
   if size < 6:
     raise EOFError("MIDI header too short")
   _, num_tracks, ticks_per_beat = struct.unpack_from(">hhh", data, 8)
@@ -151,6 +157,9 @@ def _parse_midi(data: bytes) -> mido.MidiFile:
   for _ in range(num_tracks):
     track, pos = _read_track(data, pos)
     tracks.append(track)
+  length = max((sum(message.time for message in track) for track in tracks), default=0)
+  if length > MAX_TICKS:
+    raise ValueError(f"implausibly long ({length} ticks)")
   return mido.MidiFile(ticks_per_beat=ticks_per_beat, tracks=tracks)
 
 

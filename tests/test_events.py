@@ -181,10 +181,12 @@ def test_reader_equals_note_seq_on_tricky_file(tmp_path):
 
 
 def mido_tracks(data: bytes) -> list[list[tuple]] | str:
-  """What mido makes of MIDI bytes, as comparable rows per track, or "error"."""
+  """What mido makes of MIDI bytes, as comparable rows per track, or "error" (as the reader, past MAX_TICKS too)."""
   try:
     midi = mido.MidiFile(file=io.BytesIO(data))
   except Exception:
+    return "error"
+  if max((sum(m.time for m in track) for track in midi.tracks), default=0) > ev.MAX_TICKS:
     return "error"
   return [[message_row(m) for m in track] for track in midi.tracks]
 
@@ -238,6 +240,12 @@ def test_unreadable_files_raise_with_a_short_reason(tmp_path, content, reason):
   (tmp_path / "bad.mid").write_bytes(content)
   with pytest.raises(ev.MidiReadError, match=reason):
     ev.midi_to_events(tmp_path / "bad.mid")
+
+
+def test_implausibly_long_file_raises(tmp_path):
+  path = write(tmp_path, note(0.0, 1.0, 60) + note(ev.MAX_TICKS / SECOND, ev.MAX_TICKS / SECOND + 1, 62))
+  with pytest.raises(ev.MidiReadError, match="implausibly long"):
+    ev.midi_to_events(path)
 
 
 def test_folder_named_like_a_midi_file_raises(tmp_path):
