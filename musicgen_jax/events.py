@@ -29,6 +29,7 @@ WRITE_TICKS_PER_QUARTER = 1920
 # pretty_midi holds one float per tick of the whole file, several times over: 2e7 ticks (over 5 hours at
 # 480 per quarter, 120 qpm) take about 0.6 GB. note-seq allows 1e10, enough to exhaust any memory.
 MAX_TICKS = 2 * 10**7
+_HIGH_BITS = int.from_bytes(b"\x80" * 8, "big")  # the top bit of each data byte (messages have at most 2)
 
 
 class MidiReadError(ValueError):
@@ -75,9 +76,9 @@ def _sized_body(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
   return data[pos:pos + length], pos + length
 
 
-def _channel_message(status: int, body: bytes, delta: int) -> _Message:
+def _channel_message(type_: str, status: int, body: bytes, delta: int) -> _Message:
   """The message of a status byte and its data bytes, with mido's type and attribute names."""
-  message = _Message(_message_specs()[1][status], delta, status & 0x0F)
+  message = _Message(type_, delta, status & 0x0F)
   kind = status & 0xF0
   if kind in (0x80, 0x90):
     message.note, message.velocity = body
@@ -96,7 +97,7 @@ def _read_track(data: bytes, pos: int) -> tuple[list, int]:
   Raises where mido raises on the same bytes (any exception: the file is unreadable).
   """
   from mido.midifiles.meta import build_meta_message
-  lengths, _ = _message_specs()
+  lengths, types = _message_specs()
   name, size = struct.unpack_from(">4sL", data, pos)
   if name != b"MTrk":
     raise OSError("no MTrk header at start of track")
@@ -134,9 +135,9 @@ def _read_track(data: bytes, pos: int) -> tuple[list, int]:
     pos += lengths[status]
     if pos > end:
       raise OSError("a message runs past the end of its track")
-    if max(body, default=0) > 127:
+    if int.from_bytes(body, "big") & _HIGH_BITS:
       raise OSError("data byte out of range")
-    track.append(_channel_message(status, body, delta))
+    track.append(_channel_message(types[status], status, body, delta))
   return track, pos
 
 
