@@ -1,0 +1,277 @@
+"""Generation: one jitted `lax.scan` that carries every LSTM layer's state and samples B sequences at once.
+
+Each step feeds the previous event (one position) to the model from the carried state, samples the
+pitch (temperature, then top-k and top-p), reads dt and velocity from their heads and feeds that event
+back, so a step costs one position whatever the length (the original re-ran a 256-event window).
+
+Every sequence starts from a batch-1 `(state, event)` broadcast to the batch:
+  * without a primer, the zero state and START_EVENT, a release of middle C at dt 0. Training windows
+    start anywhere in a piece from the zero state, so "zero state, then one event" is a situation the
+    model has seen; a release sounds nothing and needs no matching note-off, and dt 0 adds no silence.
+    It is an input only: files hold the generated events, never the start event.
+  * with a primer of P events, the state after the first P - 1 (one model call over them, no loop)
+    and the primer's last event, so the first generated event continues the primer.
+
+Sequence i of a call draws from `fold_in(key(seed), i)` and step t of it from `fold_in(that, t)`, so
+the same arguments write the same bytes. Another batch size draws the same random numbers, but the
+matmuls of another shape may round differently, which can change a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Iterator, Mapping, NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from musicgen_jax import models, store
+from musicgen_jax.errors import UserError
+
+START_EVENT = {"pitch": 60, "dt": 0.0, "velocity": 0.0}  # A release of middle C at dt 0.
+MAX_SEED = 2**63
+
+Event = dict[str, jax.Array]  # pitch int32, dt float32 seconds, velocity float32 MIDI units; [batch] or [batch, time].
+State = tuple[models.LSTMState, ...]
+T = TypeVar("T")
+
+
+class Settings(NamedTuple):
+  """Sampling values traced into the compiled loop, so changing one never recompiles it."""
+
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+  max_dt: jax.Array
+  release_threshold: jax.Array
+
+
+def make_settings(sample_config: ml_collections.ConfigDict, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> Settings:
+  """Settings from the pitch options and a config's `sample` group (max_dt, release_threshold)."""
+  return Settings(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                  jnp.float32(sample_config.max_dt), jnp.float32(sample_config.release_threshold))
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Sets to -inf the logits [..., V] outside the top `top_k` (0: off) or outside the nucleus of mass `top_p`.
+
+  The nucleus is taken over the top-k distribution: the likeliest pitches whose mass before them is
+  below `top_p` (so the likeliest always stays). Ties with the last kept logit stay too. The sort is
+  skipped when both filters are off.
+  """
+
+  def filtered(logits: jax.Array) -> jax.Array:
+    descending = -jnp.sort(-logits, axis=-1)
+    keep = (jnp.arange(logits.shape[-1]) < top_k) | (top_k <= 0)
+    probs = jax.nn.softmax(jnp.where(keep, descending, -jnp.inf), axis=-1)
+    keep &= (jnp.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1.0)
+    threshold = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+  return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, logits)
+
+
+def sample_pitch(keys: jax.Array, logits: jax.Array, settings: Settings) -> jax.Array:
+  """One pitch per row of `logits` [B, 128], each row drawn with its own key of `keys` [B]."""
+  logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def decode_velocity(predicted: jax.Array, release_threshold: jax.Array) -> jax.Array:
+  """MIDI velocity from the head's output (/127): rounded into 0-127, 0 (a release) below the threshold."""
+  velocity = predicted * models.MAX_VELOCITY
+  return jnp.where(velocity < release_threshold, 0.0, jnp.clip(jnp.round(velocity), 0.0, models.MAX_VELOCITY))
+
+
+def next_event(outputs: Mapping[str, jax.Array], keys: jax.Array, settings: Settings) -> Event:
+  """The event drawn from one position's outputs (`pitch_logits` [B, 128], `dt` [B], `velocity` [B])."""
+  return {
+      "pitch": sample_pitch(keys, outputs["pitch_logits"], settings),
+      "dt": jnp.clip(outputs["dt"], 0.0, settings.max_dt),
+      "velocity": decode_velocity(outputs["velocity"], settings.release_threshold),
+  }
+
+
+def step_keys(keys: jax.Array, step: jax.Array | int) -> jax.Array:
+  """The keys [B] of one step: each sequence's key folded with the step number."""
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+
+
+def sequence_keys(seed: int, first: int, count: int) -> jax.Array:
+  """The keys of sequences first, ..., first + count - 1 of a seed."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(first, first + count))
+
+
+def as_inputs(events: store.Events) -> Event:
+  """A stored event stream as a batch-1 model input [1, T]."""
+  return {"pitch": jnp.asarray(events.pitch, jnp.int32)[None],
+          "dt": jnp.asarray(events.dt, jnp.float32)[None],
+          "velocity": jnp.asarray(events.velocity, jnp.float32)[None]}
+
+
+def start(model: models.MusicLSTM) -> tuple[State, Event]:
+  """The batch-1 zero state and START_EVENT, where sequences without a primer begin."""
+  event = {k: jnp.asarray([v], jnp.int32 if k == "pitch" else jnp.float32) for k, v in START_EVENT.items()}
+  return model.initial_state(1), event
+
+
+def prime(model: models.MusicLSTM, primer: Event) -> tuple[State, Event]:
+  """The state after all but the last event of `primer` [1, P] (one model call) and that last event."""
+  _, state = model.features(jax.tree.map(lambda x: x[:, :-1], primer), model.initial_state(1))
+  return state, jax.tree.map(lambda x: x[:, -1], primer)
+
+
+def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array, settings: Settings,
+           length: int) -> Event:
+  """`length` events [B, length] for each key of `keys` [B], continuing `event` from `state` (batch 1 or B)."""
+  batch = keys.shape[0]
+  state, event = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), (state, event))
+
+  def step(carry: tuple[State, Event], t: jax.Array) -> tuple[tuple[State, Event], Event]:
+    state, event = carry
+    outputs, state = model(jax.tree.map(lambda x: x[:, None], event), state)
+    event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings)
+    return (state, event), event
+
+  _, events = jax.lax.scan(step, (state, event), jnp.arange(length))
+  return jax.tree.map(lambda x: x.T, events)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def prime_compiled(graphdef: nnx.GraphDef, params: nnx.State, primer: Event | None) -> tuple[State, Event]:
+  """`prime` (or `start` when `primer` is None) of the model `graphdef` with `params`."""
+  model = nnx.merge(graphdef, params)
+  return start(model) if primer is None else prime(model, primer)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "length"))
+def sample_compiled(graphdef: nnx.GraphDef, params: nnx.State, state: State, event: Event, keys: jax.Array,
+                    settings: Settings, length: int) -> Event:
+  """`sample` of the model `graphdef` with `params`: compiled once per (batch, length, model)."""
+  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length)
+
+
+def to_events(batch: Mapping[str, np.ndarray], row: int) -> store.Events:
+  """Row `row` of a sampled batch [B, length] as a stored event stream."""
+  return store.Events(*(np.asarray(batch[f][row]).astype(store.DTYPES[f]) for f in store.FIELDS))
+
+
+def take(events: store.Events, count: int | None) -> store.Events:
+  """The first `count` events (all with None)."""
+  return store.Events(*(getattr(events, f)[:count] for f in store.FIELDS))
+
+
+def check_options(*, num: int, length: int, batch_size: int, temperature: float, top_k: int, top_p: float,
+                  seed: int, primer: str | os.PathLike | None, primer_events: int | None, keep_primer: bool,
+                  prefix: str) -> None:
+  """Raises a UserError naming the first option out of range."""
+  for name, value in (("num", num), ("length", length), ("batch size", batch_size)):
+    if value < 1:
+      raise UserError(f"the {name} must be at least 1, not {value}")
+  if not 0.0 < temperature < float("inf"):
+    raise UserError(f"the temperature must be a positive number, not {temperature}")
+  if top_k < 0:
+    raise UserError(f"top-k must be 0 (off) or a positive number of pitches, not {top_k}")
+  if not 0.0 < top_p <= 1.0:
+    raise UserError(f"top-p must be in (0, 1] (1: off), not {top_p}")
+  if not -MAX_SEED <= seed < MAX_SEED:
+    raise UserError(f"the seed must be between -2**63 and 2**63 - 1, not {seed}")
+  if primer_events is not None and primer is None:
+    raise UserError("--primer-events needs a primer: pass --primer FILE.mid")
+  if keep_primer and primer is None:
+    raise UserError("--keep-primer needs a primer: pass --primer FILE.mid")
+  if primer_events is not None and primer_events < 1:
+    raise UserError(f"--primer-events must be at least 1, not {primer_events}")
+  if not prefix or any(sep and sep in prefix for sep in ("/", "\\", os.sep, os.altsep, "\0")):
+    raise UserError(f"the file name prefix {prefix!r} must be a non-empty name without path separators")
+
+
+def read_primer(path: str | os.PathLike, count: int | None, sustain: bool) -> store.Events:
+  """The first `count` events of a primer MIDI file; a UserError if it can't be read or has no notes."""
+  from musicgen_jax import events
+
+  try:
+    primer = events.midi_to_events(path, sustain=sustain)
+  except events.MidiReadError as error:
+    raise UserError(f"cannot read primer {path}: {error}") from None
+  if not len(primer):
+    raise UserError(f"primer {path} has no notes")
+  return take(primer, count)
+
+
+def output_paths(out_dir: Path, prefix: str, num: int) -> list[Path]:
+  """`out_dir/<prefix>_<i>.mid` for i < num, zero-padded so that the names sort in order."""
+  width = len(str(num - 1))
+  return [out_dir / f"{prefix}_{i:0{width}d}.mid" for i in range(num)]
+
+
+def make_out_dir(out_dir: str | os.PathLike) -> Path:
+  """Creates the output folder if needed; a UserError if it can't be."""
+  out_dir = Path(out_dir)
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise UserError(f"cannot create output folder {out_dir} ({error.strerror or error})") from None
+  return out_dir
+
+
+def one_ahead(items: Iterator[T]) -> Iterator[T]:
+  """Yields each item after starting the next, so that JAX's asynchronous dispatch overlaps both."""
+  previous = next(items, None)
+  for item in items:
+    yield previous
+    previous = item
+  if previous is not None:
+    yield previous
+
+
+def write_atomically(events: store.Events, path: Path) -> None:
+  """Writes a MIDI file under a temporary name, renamed into place: a kill never leaves half a file."""
+  from musicgen_jax.events import write_midi
+
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  write_midi(events, tmp)
+  os.replace(tmp, path)
+
+
+def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int = 1, length: int = 512,
+             batch_size: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             primer: str | os.PathLike | None = None, primer_events: int | None = None, keep_primer: bool = False,
+             checkpoint: str | int = "latest", prefix: str = "sample", progress: bool = True) -> list[Path]:
+  """Writes `num` MIDI files of `length` generated events each from a run's checkpoint; returns their paths.
+
+  Files are sampled `batch_size` at a time (the last batch padded, so one compile serves all) and
+  written as each batch is done. With `primer`, its first `primer_events` events (default all) warm
+  the model up and, with `keep_primer`, open every file. Every user mistake is a UserError.
+  """
+  from tqdm import tqdm
+
+  from musicgen_jax import train
+
+  check_options(num=num, length=length, batch_size=batch_size, temperature=temperature, top_k=top_k,
+                top_p=top_p, seed=seed, primer=primer, primer_events=primer_events, keep_primer=keep_primer,
+                prefix=prefix)
+  run = train.load_run(workdir, checkpoint)
+  primer_stream = None if primer is None else read_primer(primer, primer_events, run.config.data.sustain)
+  paths = output_paths(make_out_dir(out_dir), prefix, num)
+  settings = make_settings(run.config.sample, temperature=temperature, top_k=top_k, top_p=top_p)
+  state, event = prime_compiled(run.graphdef, run.params, None if primer_stream is None else as_inputs(primer_stream))
+  batch = min(batch_size, num)
+  batches = one_ahead((first, sample_compiled(run.graphdef, run.params, state, event,
+                                              sequence_keys(seed, first, batch), settings, length))
+                      for first in range(0, num, batch))
+  with tqdm(total=num, unit="file", desc="generating", disable=not progress, dynamic_ncols=True) as bar:
+    for first, sampled in batches:
+      sampled = jax.device_get(sampled)
+      for row, path in enumerate(paths[first:first + batch]):
+        continuation = to_events(sampled, row)
+        write_atomically(store.Events.concatenate([primer_stream, continuation]) if keep_primer
+                         else continuation, path)
+        bar.update(1)
+  return paths

@@ -1,0 +1,309 @@
+"""Sampling: pitch filters, event decoding, the scan against a step-by-step loop, primers, files, user errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import mido
+import note_seq
+import numpy as np
+import pretty_midi
+import pytest
+from flax import nnx
+
+from musicgen_jax import checkpointing, events, sampling, store, train
+from musicgen_jax.config import apply_overrides, load_config, save_config
+from musicgen_jax.errors import UserError
+
+LENGTH = 48
+
+
+def tiny_config():
+  return apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8"])
+
+
+def settings(temperature=1.0, top_k=0, top_p=1.0, max_dt=4.0, release_threshold=0.5):
+  return sampling.Settings(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(max_dt),
+                           jnp.float32(release_threshold))
+
+
+@pytest.fixture(scope="module")
+def model_parts():
+  """A freshly initialised tiny model whose time head predicts about 50 ms, as graph and parameters."""
+  graphdef, state = train.create_train_state(tiny_config())
+  state.params["time_head"]["out"]["bias"][...] = jnp.full((1,), 0.05)
+  return graphdef, state
+
+
+@pytest.fixture(scope="module")
+def model(model_parts):
+  graphdef, state = model_parts
+  return nnx.merge(graphdef, state.params)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, model_parts):
+  """A run folder: the tiny config and one checkpoint of the initialised state, no training."""
+  workdir = tmp_path_factory.mktemp("run")
+  save_config(tiny_config(), workdir)
+  manager = checkpointing.checkpoint_manager(workdir)
+  checkpointing.save(manager, 1, model_parts[1], None)
+  manager.wait_until_finished()
+  manager.close()
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def primer_file(tmp_path_factory):
+  """An ascending scale of 10 notes, 0.2 s apart, each held 0.15 s."""
+  pitch = np.repeat(np.arange(60, 70), 2).astype(np.uint8)
+  velocity = np.tile([90, 0], 10).astype(np.uint8)
+  dt = np.tile([0.05, 0.15], 10).astype(np.float32)
+  path = tmp_path_factory.mktemp("primer") / "scale.mid"
+  events.write_midi(store.Events(pitch, dt, velocity), path)
+  return path
+
+
+def draws(logits, count=4000, **kwargs):
+  """`count` pitches sampled from the same logits [V], each with its own key."""
+  keys = sampling.sequence_keys(0, 0, count)
+  return np.asarray(sampling.sample_pitch(keys, jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (count, len(logits))),
+                                          settings(**kwargs)))
+
+
+PROBS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
+
+
+def test_filters_off_leave_logits_unchanged():
+  logits = jnp.asarray(PROBS)
+  np.testing.assert_array_equal(sampling.filter_logits(logits, jnp.int32(0), jnp.float32(1.0)), logits)
+
+
+@pytest.mark.parametrize("kwargs, allowed", [
+    ({"top_k": 2}, {0, 1}),
+    ({"top_k": 1}, {0}),
+    ({"top_p": 0.6}, {0, 1}),  # Mass before pitch 2 is 0.65.
+    ({"top_p": 0.66}, {0, 1, 2}),
+    ({"top_k": 3, "top_p": 0.7}, {0, 1}),  # Nucleus over the top-3 distribution: mass before pitch 2 is 0.81.
+    ({"top_k": 2, "top_p": 0.9}, {0, 1}),
+])
+def test_top_k_and_top_p_never_draw_outside_the_kept_set(kwargs, allowed):
+  drawn = set(draws(PROBS, **kwargs).tolist())
+  assert drawn == allowed
+
+
+def test_no_filter_draws_every_pitch_in_proportion():
+  counts = np.bincount(draws(PROBS, count=20000), minlength=len(PROBS)) / 20000
+  np.testing.assert_allclose(counts, np.exp(PROBS), atol=0.015)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_scales_the_logits(temperature):
+  counts = np.bincount(draws(PROBS, count=20000, temperature=temperature), minlength=len(PROBS)) / 20000
+  expected = np.exp(PROBS / temperature) / np.exp(PROBS / temperature).sum()
+  np.testing.assert_allclose(counts, expected, atol=0.015)
+
+
+def test_velocity_rounds_clips_and_releases_below_threshold():
+  predicted = jnp.asarray([0.3, 0.49, 0.51, 0.6, 1.4, 64.4, 200.0, -3.0]) / 127
+  np.testing.assert_array_equal(sampling.decode_velocity(predicted, jnp.float32(0.5)),
+                                [0, 0, 1, 1, 1, 64, 127, 0])
+  np.testing.assert_array_equal(sampling.decode_velocity(predicted, jnp.float32(20.0)),
+                                [0, 0, 0, 0, 0, 64, 127, 0])
+
+
+def test_dt_is_clipped_to_zero_and_max_dt():
+  outputs = {"pitch_logits": jnp.zeros((3, 128)), "dt": jnp.asarray([-1.0, 0.3, 9.0]), "velocity": jnp.zeros(3)}
+  event = sampling.next_event(outputs, sampling.sequence_keys(0, 0, 3), settings(max_dt=2.0))
+  np.testing.assert_allclose(event["dt"], [0.0, 0.3, 2.0])
+
+
+def sample_from_start(model_parts, seed, count=3, length=LENGTH, **kwargs):
+  graphdef, state = model_parts
+  start_state, event = sampling.start(nnx.merge(graphdef, state.params))
+  return sampling.sample_compiled(graphdef, state.params, start_state, event, sampling.sequence_keys(seed, 0, count),
+                                  settings(**kwargs), length)
+
+
+def test_same_seed_same_events_other_seed_other_events(model_parts):
+  first, again, other = (sample_from_start(model_parts, seed) for seed in (0, 0, 1))
+  for field in store.FIELDS:
+    np.testing.assert_array_equal(first[field], again[field])
+  assert not np.array_equal(first["pitch"], other["pitch"])
+  assert first["pitch"].shape == (3, LENGTH)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def reference_step(graphdef, params, state, event, keys, config_settings):
+  """One event through the model from `state`, and the event drawn from its outputs."""
+  outputs, state = nnx.merge(graphdef, params)(jax.tree.map(lambda x: x[:, None], event), state)
+  return state, sampling.next_event(jax.tree.map(lambda x: x[:, 0], outputs), keys, config_settings)
+
+
+def reference_loop(model_parts, state, event, keys, config_settings, length):
+  """The scan written as a Python loop over single-event model calls."""
+  graphdef, train_state = model_parts
+  state, event = jax.tree.map(lambda x: jnp.broadcast_to(x, (keys.shape[0], *x.shape[1:])), (state, event))
+  result = []
+  for t in range(length):
+    state, event = reference_step(graphdef, train_state.params, state, event, sampling.step_keys(keys, t),
+                                  config_settings)
+    result.append(event)
+  return {k: np.stack([e[k] for e in result], 1) for k in event}
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (10, 0.9)])
+def test_scan_equals_step_by_step_loop(model_parts, model, top_k, top_p):
+  graphdef, state = model_parts
+  start_state, event = sampling.start(model)
+  keys = sampling.sequence_keys(3, 0, 2)
+  config_settings = settings(top_k=top_k, top_p=top_p)
+  scanned = sampling.sample_compiled(graphdef, state.params, start_state, event, keys, config_settings, 20)
+  expected = reference_loop(model_parts, start_state, event, keys, config_settings, 20)
+  np.testing.assert_array_equal(scanned["pitch"], expected["pitch"])
+  np.testing.assert_array_equal(scanned["velocity"], expected["velocity"])
+  np.testing.assert_allclose(scanned["dt"], expected["dt"], rtol=1e-5, atol=1e-6)
+
+
+def test_start_event_is_a_release_of_middle_c_from_the_zero_state(model):
+  state, event = sampling.start(model)
+  assert {k: float(v[0]) for k, v in event.items()} == {"pitch": 60, "dt": 0.0, "velocity": 0.0}
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state))
+
+
+def test_primed_state_equals_the_model_over_the_primer(model_parts, model, primer_file):
+  graphdef, train_state = model_parts
+  primer = sampling.as_inputs(events.midi_to_events(primer_file))
+  state, last = sampling.prime_compiled(graphdef, train_state.params, primer)
+  keys = sampling.sequence_keys(0, 0, 1)
+  after_last, first = reference_step(graphdef, train_state.params, state, last, sampling.step_keys(keys, 0), settings())
+  outputs, after_primer = model(primer)
+  for a, b in zip(jax.tree.leaves(after_last), jax.tree.leaves(after_primer)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  expected = sampling.next_event(jax.tree.map(lambda x: x[:, -1], outputs), sampling.step_keys(keys, 0), settings())
+  assert int(first["pitch"][0]) == int(expected["pitch"][0])
+  sampled = sampling.sample_compiled(graphdef, train_state.params, state, last, keys, settings(), 1)
+  assert int(sampled["pitch"][0, 0]) == int(expected["pitch"][0])
+
+
+def test_single_event_primer_starts_from_the_zero_state(model):
+  primer = {"pitch": jnp.asarray([[64]]), "dt": jnp.zeros((1, 1)), "velocity": jnp.full((1, 1), 80.0)}
+  state, last = sampling.prime(model, primer)
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(state))
+  assert int(last["pitch"][0]) == 64 and float(last["velocity"][0]) == 80.0
+
+
+def generate(run_dir, out_dir, **kwargs):
+  return sampling.generate(run_dir, out_dir, **{"length": LENGTH, "progress": False, **kwargs})
+
+
+def notes(path):
+  """Rows (start, pitch, velocity) of every note pretty_midi reads, in time order."""
+  midi = pretty_midi.PrettyMIDI(str(path))
+  return np.array(sorted((n.start, n.pitch, n.velocity) for i in midi.instruments for n in i.notes)).reshape(-1, 3)
+
+
+def assert_same_notes(actual, expected):
+  """Same pitches and velocities, start times equal up to the file's tick (1/3840 s)."""
+  assert actual.shape == expected.shape
+  np.testing.assert_array_equal(actual[:, 1:], expected[:, 1:])
+  np.testing.assert_allclose(actual[:, 0], expected[:, 0], atol=1e-3)
+
+
+def test_files_are_valid_complete_and_reproducible(run_dir, tmp_path):
+  paths = generate(run_dir, tmp_path / "a", num=5, batch_size=2, seed=7)
+  assert [p.name for p in paths] == [f"sample_{i}.mid" for i in range(5)]
+  again = generate(run_dir, tmp_path / "b", num=5, batch_size=2, seed=7)
+  other = generate(run_dir, tmp_path / "c", num=5, batch_size=2, seed=8)
+  for path, same, different in zip(paths, again, other):
+    assert path.read_bytes() == same.read_bytes()
+    assert path.read_bytes() != different.read_bytes()
+    messages = [m for m in mido.MidiFile(path) if m.type in ("note_on", "note_off")]
+    onsets = [m for m in messages if m.type == "note_on" and m.velocity > 0]
+    assert onsets and len(onsets) == len(messages) - len(onsets)
+    assert len(note_seq.midi_file_to_note_sequence(str(path)).notes) == len(onsets) == len(notes(path))
+  assert len({p.read_bytes() for p in paths}) == 5
+
+
+def test_files_hold_the_sampled_events(run_dir, model_parts, tmp_path):
+  graphdef, state = model_parts
+  (path,) = generate(run_dir, tmp_path, seed=4, top_k=20)
+  start_state, event = sampling.start(nnx.merge(graphdef, state.params))
+  sampled = sampling.sample_compiled(graphdef, state.params, start_state, event, sampling.sequence_keys(4, 0, 1),
+                                     settings(top_k=20), LENGTH)
+  expected = sampling.to_events(jax.device_get(sampled), 0)
+  written = events.midi_to_events(path, sustain=False)
+  onset = expected.velocity > 0
+  start = np.cumsum(expected.dt, dtype=np.float64)[onset]
+  assert_same_notes(notes(path), np.array(sorted(zip(start, expected.pitch[onset], expected.velocity[onset]))))
+  assert np.sum(written.velocity > 0) == np.sum(onset)
+
+
+def test_one_compile_for_all_batches_and_sampling_values(run_dir, tmp_path):
+  sampling.sample_compiled.clear_cache()
+  generate(run_dir, tmp_path / "a", num=5, batch_size=2, temperature=0.7)
+  generate(run_dir, tmp_path / "b", num=3, batch_size=2, top_k=5, top_p=0.5, seed=3)
+  assert sampling.sample_compiled._cache_size() == 1
+
+
+def test_names_are_zero_padded_and_prefixed(run_dir, tmp_path):
+  paths = generate(run_dir, tmp_path, num=11, batch_size=11, length=4, prefix="take")
+  assert [p.name for p in paths] == sorted(p.name for p in tmp_path.iterdir())
+  assert paths[0].name == "take_00.mid" and paths[-1].name == "take_10.mid"
+
+
+def test_primer_opens_the_file_only_when_kept(run_dir, primer_file, tmp_path):
+  (kept,) = generate(run_dir, tmp_path / "kept", primer=primer_file, primer_events=12, keep_primer=True)
+  (dropped,) = generate(run_dir, tmp_path / "dropped", primer=primer_file, primer_events=12)
+  (unprimed,) = generate(run_dir, tmp_path / "unprimed")
+  primer_notes = notes(primer_file)[:6]  # The first 12 events: 6 notes.
+  continuation = notes(dropped)
+  primer_end = 0.05 + 0.2 * 5 + 0.15  # The 12th event: the release of the 6th note.
+  assert_same_notes(notes(kept)[:6], primer_notes)
+  assert_same_notes(notes(kept)[6:], continuation + [primer_end, 0, 0])
+  assert dropped.read_bytes() != unprimed.read_bytes()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num": 0}, "num"),
+    ({"length": -1}, "length"),
+    ({"batch_size": 0}, "batch size"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_k": -1}, "top-k"),
+    ({"top_p": 0.0}, "top-p"),
+    ({"top_p": 1.5}, "top-p"),
+    ({"seed": 2**64}, "seed"),
+    ({"primer_events": 3}, "needs a primer"),
+    ({"keep_primer": True}, "needs a primer"),
+    ({"prefix": "../escape"}, "path separators"),
+    ({"prefix": ""}, "prefix"),
+    ({"checkpoint": 99}, "no checkpoint at step 99"),
+])
+def test_user_mistakes_raise_user_error(run_dir, tmp_path, kwargs, message):
+  with pytest.raises(UserError, match=message):
+    generate(run_dir, tmp_path, **kwargs)
+  assert not list(tmp_path.iterdir())
+
+
+def test_missing_run_and_missing_checkpoint_raise_user_error(tmp_path):
+  with pytest.raises(UserError, match="does not exist"):
+    generate(tmp_path / "nowhere", tmp_path / "out")
+  save_config(tiny_config(), tmp_path)
+  with pytest.raises(UserError, match="no checkpoints"):
+    generate(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("content", [None, b"", b"not a midi file at all"])
+def test_unreadable_primer_raises_user_error(run_dir, tmp_path, content):
+  primer = tmp_path / "primer.mid"
+  if content is not None:
+    primer.write_bytes(content)
+  with pytest.raises(UserError, match="cannot read primer"):
+    generate(run_dir, tmp_path / "out", primer=primer)
+
+
+def test_output_folder_that_is_a_file_raises_user_error(run_dir, tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(UserError, match="cannot create output folder"):
+    generate(run_dir, tmp_path / "file")
