@@ -7,7 +7,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
@@ -314,7 +313,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     start = manager.latest_step()
     state, data_state = checkpointing.restore(manager, start, abstract_state(trainer.initial_state))
     if data_state is not None:
-      train_iter.set_state(data_state)
+      try:
+        train_iter.set_state(data_state)
+      except (KeyError, ValueError, TypeError, IndexError) as error:
+        raise UserError(f"the data position saved at step {start} does not fit this pipeline ({error}): "
+                        "resume with the data.workers the run was saved with") from None
   schedules = optimizers.schedules(config)
   log = MetricsLog(workdir)
   batch_events = config.train.batch_size * config.data.window
