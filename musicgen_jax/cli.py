@@ -192,6 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("musicgen: interrupted", file=sys.stderr)
     return 130
+  except BrokenPipeError:
+    sys.stdout = open(os.devnull, "w")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,141 @@
+"""The command line: every user mistake is one line and exit 2; the menu works through a pipe."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mido
+import pytest
+
+from musicgen_jax import cli
+
+
+def write_melody(path: Path, notes: int, seed: int) -> None:
+  """A one-track MIDI file of `notes` short notes, enough for tiny training windows."""
+  track = mido.MidiTrack()
+  for i in range(notes):
+    pitch = 48 + (i * 7 + seed) % 36
+    track.append(mido.Message("note_on", note=pitch, velocity=40 + (i * 13) % 80, time=0 if i == 0 else 60))
+    track.append(mido.Message("note_off", note=pitch, velocity=0, time=120))
+  midi = mido.MidiFile(ticks_per_beat=480)
+  midi.tracks.append(track)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  midi.save(path)
+
+
+@pytest.fixture(scope="module")
+def midi_folder(tmp_path_factory) -> Path:
+  folder = tmp_path_factory.mktemp("midi")
+  for i in range(12):
+    write_melody(folder / f"piece_{i}.mid", 120, i)
+  return folder
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_version_and_help(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--version"])
+  assert exit_info.value.code == 0
+  assert "musicgen-jax" in capsys.readouterr().out
+  for command in ("prepare", "train", "generate", "evaluate", "config", "demo", "menu"):
+    with pytest.raises(SystemExit):
+      cli.main([command, "--help"])
+    assert "usage: musicgen " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--workdir", "{tmp}/no-run", "--out", "{tmp}/out"], "does not exist"),
+    (["generate", "--workdir", "{tmp}/empty-run", "--out", "{tmp}/out"], "no checkpoint"),
+    (["evaluate", "--workdir", "{tmp}/no-run", "--data", "{tmp}"], "no run"),
+    (["train", "--workdir", "{tmp}/run", "--config", "tiny", "train.steps=lots"], "bad value"),
+    (["train", "--workdir", "{tmp}/run", "--config", "tiny", "modle.hidden=3"], "unknown config key"),
+    (["train", "--workdir", "{tmp}/run", "--config", "tiny", "--data", "{tmp}/nothing"], "musicgen prepare"),
+    (["prepare", "{tmp}/missing", "--out", "{tmp}/data"], "{tmp}/missing"),
+])
+def test_user_mistakes_are_one_line_and_exit_2(capsys, tmp_path, argv, message):
+  (tmp_path / "empty-run").mkdir()
+  from musicgen_jax.config import load_config, save_config
+
+  save_config(load_config("tiny"), tmp_path / "empty-run")
+  code, _, err = run_cli(capsys, *(a.format(tmp=tmp_path) for a in argv))
+  assert code == 2
+  assert err.count("\n") == 1 and err.startswith("musicgen: error: ")
+  assert message.format(tmp=tmp_path) in err
+
+
+@pytest.mark.parametrize("flag", [["--num", "0"], ["--length", "-3"], ["--batch-size", "x"]])
+def test_bad_numbers_are_rejected_by_the_parser(capsys, tmp_path, flag):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["generate", "--workdir", str(tmp_path), *flag])
+  assert exit_info.value.code == 2
+  assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_run(midi_folder, tmp_path_factory) -> Path:
+  """A tiny run trained for a few steps through the CLI, shared by the tests that need a checkpoint."""
+  root = tmp_path_factory.mktemp("run")
+  assert cli.main(["prepare", str(midi_folder), "--out", str(root / "data"), "--workers", "1"]) == 0
+  assert cli.main(["train", "--workdir", str(root / "run"), "--config", "tiny", "--data", str(root / "data"),
+                   "--quiet", "train.steps=4", "train.log_every=2"]) == 0
+  return root / "run"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "0"], "temperature"),
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "1.5"], "top"),
+    (["--primer", "{tmp}/missing.mid"], "missing.mid"),
+    (["--primer", "{tmp}/garbage.mid"], "garbage.mid"),
+    (["--checkpoint", "999"], "999"),
+])
+def test_generation_mistakes_are_one_line_and_exit_2(capsys, tmp_path, trained_run, argv, message):
+  (tmp_path / "garbage.mid").write_bytes(b"this is not a MIDI file")
+  code, _, err = run_cli(capsys, "generate", "--workdir", str(trained_run), "--out", str(tmp_path / "out"),
+                         "--quiet", *(a.format(tmp=tmp_path) for a in argv))
+  assert code == 2, err
+  assert err.count("\n") == 1 and message.format(tmp=tmp_path) in err
+
+
+def test_resuming_with_another_model_shape_is_refused(capsys, trained_run):
+  code, _, err = run_cli(capsys, "train", "--workdir", str(trained_run), "model.hidden=32")
+  assert code == 2 and "model.hidden" in err
+
+
+def test_menu_through_a_pipe_trains_generates_and_quits(midi_folder, tmp_path):
+  answers = "\n".join([
+      "7", "1",          # a wrong choice re-asks, then Train
+      "0",               # create a new model
+      "bad name!", "piano",  # an invalid name re-asks
+      "",                # no filter
+      str(midi_folder),  # the MIDI folder
+      "tiny",            # config
+      "abc", "6",        # a bad step count re-asks
+      "2", "1",          # generate with the first run
+      "3",               # quit
+  ]) + "\n"
+  env = dict(os.environ, MUSICGEN_HOME=str(tmp_path / "home"))
+  result = subprocess.run([sys.executable, "-m", "musicgen_jax.cli"], input=answers, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Please type a number from 1 to 3." in result.stdout
+  assert "Use letters, digits" in result.stdout
+  assert "Please type a whole number" in result.stdout
+  assert "Saved piano at step 6" in result.stdout
+  written = list((tmp_path / "home" / "generated" / "piano").glob("*.mid"))
+  assert len(written) == 1 and f"Wrote {written[0]}" in result.stdout
+  assert result.stdout.rstrip().endswith("Bye.")
+
+
+def test_menu_survives_end_of_input(tmp_path):
+  env = dict(os.environ, MUSICGEN_HOME=str(tmp_path))
+  result = subprocess.run([sys.executable, "-m", "musicgen_jax.cli"], input="1\n", env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0 and "Traceback" not in result.stderr
+  assert result.stdout.rstrip().endswith("Bye.")
