@@ -139,3 +139,41 @@ def test_menu_survives_end_of_input(tmp_path):
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and "Traceback" not in result.stderr
   assert result.stdout.rstrip().endswith("Bye.")
+
+
+def test_evaluate_prints_deterministic_json(capsys, trained_run, midi_folder, tmp_path, monkeypatch):
+  import json
+
+  monkeypatch.setenv("MUSICGEN_HOME", str(tmp_path))
+  prepared = trained_run.parent / "data"
+  code, out, _ = run_cli(capsys, "evaluate", "--workdir", str(trained_run), "--data", str(prepared),
+                         "--split", "train")
+  assert code == 0
+  first = json.loads(out)
+  assert set(first) == {"pitch_nll", "pitch_accuracy", "dt_mae_ms", "velocity_rmse", "events", "step"}
+  assert first["step"] == 4 and first["events"] > 0
+  code, out, _ = run_cli(capsys, "evaluate", "--workdir", str(trained_run), "--data", str(midi_folder),
+                         "--split", "train", "--checkpoint", "4")
+  assert code == 0 and json.loads(out) == first
+
+
+def test_sigterm_saves_and_exits_cleanly(midi_folder, trained_run, tmp_path):
+  import signal
+  import time
+
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "musicgen_jax.cli", "train", "--workdir", str(workdir), "--config", "tiny",
+             "--data", str(trained_run.parent / "data"), "--quiet", "train.steps=100000", "train.log_every=5"]
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err[-2000:]
+  assert f"in {workdir / 'checkpoints'}" in out
+  from musicgen_jax import checkpointing
+
+  saved = checkpointing.checkpoint_manager(workdir).latest_step()
+  assert saved is not None and saved >= 10 and f"saved step {saved} " in out
