@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   demo = command("demo", cmd_demo, "Prepare Bach chorales from music21, train the tiny model, write samples.")
   demo.add_argument("--home", default=str(paths.home()), help="where the demo's data, run and outputs go")
-  demo.add_argument("--steps", type=positive_int, default=600, help="training steps (default 600)")
+  demo.add_argument("--steps", type=positive_int, default=3000, help="training steps (default 3000)")
 
   command("menu", cmd_menu, "The original's interactive menu: train, continue, generate, quit.")
   return parser
@@ -175,9 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the `musicgen` console script; returns the exit code."""
-  from absl import flags
+  import warnings
+
+  from absl import flags, logging
 
   flags.FLAGS.mark_as_parsed()
+  logging.set_verbosity(logging.ERROR)
+  warnings.filterwarnings("ignore", message="Couldn't find ffmpeg")
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = build_parser()
   args = parser.parse_args(argv or ["menu"])

@@ -7,6 +7,7 @@ the tiny config for a few minutes on the CPU, and the run writes a handful of ne
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from musicgen_jax import paths
@@ -22,18 +23,25 @@ def chorales_to_midi(out_dir: Path, progress: bool = True) -> Path:
   from tqdm import tqdm
 
   out_dir.mkdir(parents=True, exist_ok=True)
+  skipped = []
   for source in tqdm(corpus.getComposer("bach"), desc="Bach chorales -> MIDI", unit="file", disable=not progress):
     target = out_dir / f"{source.stem}.mid"
     if target.exists():
       continue
     tmp = target.with_suffix(".mid.tmp")
-    converter.parse(source, forceSource=True).write("midi", fp=str(tmp))
+    try:
+      converter.parse(source, forceSource=True).write("midi", fp=str(tmp))
+    except Exception as error:  # music21 raises many types on a badly formed score; skip that score.
+      skipped.append(f"{source.name} ({type(error).__name__})")
+      continue
     os.replace(tmp, target)
+  if skipped:
+    print(f"skipped {len(skipped)} chorales music21 could not convert: {', '.join(skipped)}", file=sys.stderr)
   (out_dir / COMPLETE_MARKER).touch()
   return out_dir
 
 
-def run_demo(home: str | os.PathLike | None = None, *, steps: int = 600, num_files: int = 4,
+def run_demo(home: str | os.PathLike | None = None, *, steps: int = 3000, num_files: int = 4,
              progress: bool = True) -> list[Path]:
   """Prepares the chorales, trains `configs/tiny.py` for `steps` steps (resuming if run before), generates."""
   from musicgen_jax import prepare, sampling, train
