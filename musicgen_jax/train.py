@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -23,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from musicgen_jax import checkpointing, input_pipeline, models, optimizers, store
 from musicgen_jax.config import read_config, save_config
 from musicgen_jax.errors import UserError
+from musicgen_jax.runlock import run_lock
 
 LOSSES = ("pitch", "time", "velocity")
 ISOLATION_MODES = ("strict", "joint")
@@ -286,6 +288,21 @@ def abstract_state(state: TrainState) -> TrainState:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+def restore_latest(manager: Any, trainer: Trainer, train_iter: Any) -> tuple[TrainState, int]:
+  """The latest checkpoint's state and step, with the data iterator moved to the saved position."""
+  start = manager.latest_step()
+  if start is None:
+    return trainer.initial_state, 0
+  state, data_state = checkpointing.restore(manager, start, abstract_state(trainer.initial_state))
+  if data_state is not None:
+    try:
+      train_iter.set_state(data_state)
+    except (KeyError, ValueError, TypeError, IndexError) as error:
+      raise UserError(f"the data position saved at step {start} does not fit this pipeline ({error}): "
+                      "resume with the data.workers the run was saved with") from None
+  return state, start
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        progress: bool = True, stop: Callable[[int], bool] | None = None) -> TrainState:
   """Trains to `config.train.steps`, resuming from the run's latest checkpoint, saving on stop signals.
@@ -302,57 +319,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise UserError(f"no prepared training data at {data_dir or '(data.dir unset)'}: "
                     "run `musicgen prepare SOURCE --out DIR` and pass --data DIR")
   workdir.mkdir(parents=True, exist_ok=True)
-  trainer = Trainer(config)
-  save_config(config, workdir)
-  manager = checkpointing.checkpoint_manager(workdir, config.train.keep_checkpoints)
-  train_iter = input_pipeline.train_iterator(config, data_dir, shard_index=jax.process_index(),
-                                            shard_count=jax.process_count())
-  eval_batches = input_pipeline.eval_batches(config, data_dir) if store.has_split(data_dir, "validation") else []
-  state, start = trainer.initial_state, 0
-  if manager.latest_step() is not None:
-    start = manager.latest_step()
-    state, data_state = checkpointing.restore(manager, start, abstract_state(trainer.initial_state))
-    if data_state is not None:
-      try:
-        train_iter.set_state(data_state)
-      except (KeyError, ValueError, TypeError, IndexError) as error:
-        raise UserError(f"the data position saved at step {start} does not fit this pipeline ({error}): "
-                        "resume with the data.workers the run was saved with") from None
-  schedules = optimizers.schedules(config)
-  log = MetricsLog(workdir)
-  batch_events = config.train.batch_size * config.data.window
-  step = start
-  try:
-    with StopRequest() as stop_request, tqdm(total=config.train.steps, initial=start, disable=not progress,
-                                             unit="step", dynamic_ncols=True) as bar:
-      metrics, tick = trainer.zero_metrics(), time.perf_counter()
-      while step < config.train.steps and not stop_request.requested:
-        state, metrics = trainer.train_step(state, metrics, trainer.shard_batch(next(train_iter)))
-        step += 1
-        bar.update(1)
-        last = step == config.train.steps or stop_request.requested or (stop is not None and stop(step))
-        if step % config.train.log_every == 0 or last:
-          totals = jax.device_get(metrics)
-          check_finite(totals)
-          logged = train_metrics(totals, schedules, step, time.perf_counter() - tick, batch_events)
-          log.write(step, logged)
-          bar.set_postfix(loss=f"{logged['train/loss_pitch']:.3f}")
-          metrics, tick = trainer.zero_metrics(), time.perf_counter()
-        eval_metrics = None
-        if eval_batches and (step % config.train.eval_every == 0 or last):
-          eval_metrics = trainer.evaluate(state.params, eval_batches)
-          log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        if step % config.train.checkpoint_every == 0 or last:
-          if step % config.train.log_every != 0 and not last:
-            check_finite(jax.device_get(metrics))
-          checkpointing.save(manager, step, state, train_iter.get_state(), eval_metrics)
-        if stop is not None and stop(step):
-          break
-  finally:
-    manager.wait_until_finished()
-    manager.close()
-    log.close()
-    train_iter.close()
+  with contextlib.ExitStack() as resources:
+    resources.enter_context(run_lock(workdir))
+    trainer = Trainer(config)
+    save_config(config, workdir)
+    manager = checkpointing.checkpoint_manager(workdir, config.train.keep_checkpoints)
+    resources.callback(manager.close)
+    resources.callback(manager.wait_until_finished)
+    train_iter = input_pipeline.train_iterator(config, data_dir, shard_index=jax.process_index(),
+                                              shard_count=jax.process_count())
+    resources.callback(train_iter.close)
+    eval_batches = input_pipeline.eval_batches(config, data_dir) if store.has_split(data_dir, "validation") else []
+    state, step = restore_latest(manager, trainer, train_iter)
+    schedules = optimizers.schedules(config)
+    log = MetricsLog(workdir)
+    resources.callback(log.close)
+    batch_events = config.train.batch_size * config.data.window
+    stop_request = resources.enter_context(StopRequest())
+    bar = resources.enter_context(tqdm(total=config.train.steps, initial=step, disable=not progress, unit="step",
+                                       dynamic_ncols=True))
+    metrics, tick = trainer.zero_metrics(), time.perf_counter()
+    while step < config.train.steps and not stop_request.requested:
+      state, metrics = trainer.train_step(state, metrics, trainer.shard_batch(next(train_iter)))
+      step += 1
+      bar.update(1)
+      last = step == config.train.steps or stop_request.requested or (stop is not None and stop(step))
+      if step % config.train.log_every == 0 or last:
+        totals = jax.device_get(metrics)
+        check_finite(totals)
+        logged = train_metrics(totals, schedules, step, time.perf_counter() - tick, batch_events)
+        log.write(step, logged)
+        bar.set_postfix(loss=f"{logged['train/loss_pitch']:.3f}")
+        metrics, tick = trainer.zero_metrics(), time.perf_counter()
+      eval_metrics = None
+      if eval_batches and (step % config.train.eval_every == 0 or last):
+        eval_metrics = trainer.evaluate(state.params, eval_batches)
+        log.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+      if step % config.train.checkpoint_every == 0 or last:
+        if step % config.train.log_every != 0 and not last:
+          check_finite(jax.device_get(metrics))
+        checkpointing.save(manager, step, state, train_iter.get_state(), eval_metrics)
+      if last:
+        break
   return state
 
 

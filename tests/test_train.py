@@ -169,3 +169,28 @@ def test_bfloat16_compute_trains_within_two_percent_of_float32(tmp_path):
       state, metrics = trainer.train_step(state, metrics, trainer.shard_batch(next(batches)))
     final[dtype] = trainer.evaluate(state.params, input_pipeline.eval_batches(config, tmp_path))["pitch_nll"]
   assert abs(final["bfloat16"] - final["float32"]) <= 0.02 * final["float32"], final
+
+
+LOCK_HOLDER = """
+import sys, time
+from musicgen_jax.runlock import run_lock
+with run_lock(sys.argv[1]):
+  print("locked", flush=True)
+  time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_and_a_dead_lock_does_not_block(corpus, tmp_path):
+  import subprocess
+  import sys
+
+  from musicgen_jax.runlock import run_lock
+
+  with run_lock(tmp_path):
+    with pytest.raises(UserError, match="is being trained by process"):
+      train.train_and_evaluate(tiny(corpus, "train.steps=2"), tmp_path, progress=False)
+  holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  holder.kill()
+  holder.wait()
+  assert int(train.train_and_evaluate(tiny(corpus, "train.steps=2"), tmp_path, progress=False).step) == 2
