@@ -194,3 +194,19 @@ def test_a_second_writer_is_refused_and_a_dead_lock_does_not_block(corpus, tmp_p
   holder.kill()
   holder.wait()
   assert int(train.train_and_evaluate(tiny(corpus, "train.steps=2"), tmp_path, progress=False).step) == 2
+
+
+def test_loss_decreases_on_a_tiny_real_corpus(maestro, tmp_path):
+  from musicgen_jax import prepare
+
+  smallest = sorted(maestro.glob("*/*.midi"), key=lambda path: path.stat().st_size)[:4]
+  folder = tmp_path / "midi"
+  folder.mkdir()
+  for path in smallest:
+    (folder / path.name).symlink_to(path)
+  prepare.prepare_corpus([str(folder)], tmp_path / "data", workers=1, val_fraction=0.0, progress=False)
+  config = tiny(tmp_path / "data", "train.steps=150", "train.log_every=25")
+  train.train_and_evaluate(config, tmp_path / "run", progress=False)
+  lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  losses = [m["train/loss_pitch"] for m in lines]
+  assert losses[-1] < losses[0] - 0.5, losses
