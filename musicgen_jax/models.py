@@ -33,11 +33,89 @@ def continuous_inputs(dt: jax.Array, velocity: jax.Array) -> jax.Array:
   return jnp.stack([dt_feature, velocity / MAX_VELOCITY], axis=-1)
 
 
+def _gate_scale(hidden: int) -> jax.Array:
+  """Per-unit scale s with act = s * tanh(s * x) + (1 - s): sigmoid for gates i, f, o (s = 1/2), tanh for g (s = 1).
+
+  One tanh over all four gates replaces three sigmoids and a tanh (sigmoid(x) = tanh(x / 2) / 2 + 1 / 2).
+  """
+  half = jnp.full((hidden,), 0.5, jnp.float32)
+  return jnp.concatenate([half, half, jnp.ones((hidden,), jnp.float32), half])
+
+
+def _cell(pre_gates: jax.Array, c_prev: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One LSTM cell update from float32 pre-activations [batch, 4 * hidden]: new h, new c and the gates' tanh."""
+  scale = _gate_scale(c_prev.shape[-1])
+  tanh_gates = jnp.tanh(pre_gates * scale)
+  i, f, g, o = jnp.split(tanh_gates * scale + (1.0 - scale), 4, axis=-1)
+  c = f * c_prev + i * g
+  return o * jnp.tanh(c), c, tanh_gates
+
+
+def _lstm_forward(projected: jax.Array, kernel: jax.Array, h0: jax.Array,
+                  c0: jax.Array) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """The recurrence over time-major `projected` [time, batch, 4 * hidden]; returns (outputs, h, c) and the
+  per-step gate tanh values and cell states that the backward pass reuses."""
+
+  def step(carry: tuple[jax.Array, jax.Array], x_t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+    h, c = carry
+    pre = x_t.astype(jnp.float32) + jnp.dot(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    h, c, tanh_gates = _cell(pre, c)
+    return (h, c), (h.astype(projected.dtype), tanh_gates, c)
+
+  (h, c), (outputs, tanh_gates, cells) = jax.lax.scan(step, (h0, c0), projected)
+  return (outputs, h, c), (tanh_gates, cells)
+
+
+@jax.custom_vjp
+def _lstm_scan(projected: jax.Array, kernel: jax.Array, h0: jax.Array,
+               c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The LSTM recurrence with a hand-written backward pass; returns outputs [time, batch, hidden], final h and c.
+
+  The backward scan carries only dh and dc and emits the pre-activation gradients; the recurrent
+  kernel's gradient is then one large matmul over all time steps instead of a small one per step.
+  """
+  return _lstm_forward(projected, kernel, h0, c0)[0]
+
+
+def _lstm_scan_fwd(projected, kernel, h0, c0):
+  result, (tanh_gates, cells) = _lstm_forward(projected, kernel, h0, c0)
+  return result, (kernel, h0, c0, result[0], tanh_gates, cells)
+
+
+def _lstm_scan_bwd(residuals, cotangents):
+  kernel, h0, c0, outputs, tanh_gates, cells = residuals
+  d_outputs, dh_final, dc_final = cotangents
+  scale = _gate_scale(h0.shape[-1])
+  c_prev = jnp.concatenate([c0[None], cells[:-1]])
+
+  def step(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+    dh, dc = carry
+    d_out, tanh_g, c, c_before = xs
+    i, f, g, o = jnp.split(tanh_g * scale + (1.0 - scale), 4, axis=-1)
+    tanh_c = jnp.tanh(c)
+    dh = dh + d_out.astype(jnp.float32)
+    dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
+    d_act = jnp.concatenate([dc * g, dc * c_before, dc * i, dh * tanh_c], axis=-1)
+    d_pre = (d_act * (scale * scale) * (1.0 - tanh_g * tanh_g)).astype(outputs.dtype)
+    dh_prev = jax.lax.dot_general(d_pre, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (dh_prev, dc * f), d_pre
+
+  (dh0, dc0), d_pre = jax.lax.scan(step, (dh_final, dc_final), (d_outputs, tanh_gates, cells, c_prev),
+                                   reverse=True)
+  h_prev = jnp.concatenate([h0[None].astype(outputs.dtype), outputs[:-1]])
+  d_kernel = jnp.einsum("tbh,tbg->hg", h_prev, d_pre, preferred_element_type=jnp.float32)
+  return d_pre, d_kernel.astype(kernel.dtype), dh0.astype(h0.dtype), dc0.astype(c0.dtype)
+
+
+_lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
+
+
 class LSTMLayer(nnx.Module):
   """One unidirectional LSTM layer whose input projection runs as one matmul over all time steps.
 
   Only the recurrent matmul stays inside `lax.scan`, which keeps the sequential part lean on every
-  backend. Gates are ordered input, forget, cell, output; the cell state is kept in float32.
+  backend; a custom backward pass keeps it lean in training too (see `_lstm_scan`). Gates are
+  ordered input, forget, cell, output; the cell state is kept in float32.
   """
 
   def __init__(self, in_features: int, hidden: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
@@ -56,19 +134,10 @@ class LSTMLayer(nnx.Module):
 
   def __call__(self, inputs: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
     """Runs the layer over `inputs` [batch, time, features] from `state`; returns outputs and final state."""
-    projected = self.input_proj(inputs)
-    recurrent_kernel = self.recurrent_kernel.value.astype(self.dtype)
-
-    def step(carry: LSTMState, x_t: jax.Array) -> tuple[LSTMState, jax.Array]:
-      gates = x_t.astype(jnp.float32) + jnp.dot(
-          carry.h.astype(self.dtype), recurrent_kernel, preferred_element_type=jnp.float32)
-      i, f, g, o = jnp.split(gates, 4, axis=-1)
-      c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
-      h = jax.nn.sigmoid(o) * jnp.tanh(c)
-      return LSTMState(h, c), h
-
-    final, outputs = jax.lax.scan(step, state, jnp.swapaxes(projected, 0, 1))
-    return jnp.swapaxes(outputs, 0, 1).astype(self.dtype), final
+    projected = self.input_proj(jnp.swapaxes(inputs, 0, 1))
+    kernel = self.recurrent_kernel.value.astype(self.dtype)
+    outputs, h, c = _lstm_scan(projected, kernel, state.h, state.c)
+    return jnp.swapaxes(outputs, 0, 1), LSTMState(h, c)
 
 
 class Head(nnx.Module):

@@ -1,9 +1,18 @@
-"""Training throughput of the jitted train step: events/s after compile, and the compile time.
+"""Training throughput of the jitted train step against a float32 GEMM roof and a PyTorch reference.
 
 Runs the real `Trainer.train_step` (three optimizers, donated state) on batches shaped like the
 config's, so that the step alone is measured; `scripts/bench_data.py` measures the input pipeline.
+In the same process it measures the float32 GEMM roof with jax (a 2048^3 matmul) and a plain
+PyTorch model of the same shapes (nn.LSTM, the same three heads, Adam, the same isolation), and
+reports events/s, model FLOPs utilisation (one training event ~ 3x its forward matmul FLOPs) and
+the ratio to PyTorch. Rounds alternate jax and PyTorch and the best of each is kept, so that a
+burst of load from other processes hurts both alike; the load average is printed with the figures.
 
-  python scripts/bench_train.py [--config default] [--steps 20] [key=value ...]
+  python scripts/bench_train.py [--config default] [--steps 10] [--rounds 2] [--no-torch] [key=value ...]
+
+PyTorch comes from `pip install -e ".[bench]"` (a CPU wheel). XLA CPU flags can be tried without
+code changes through the environment, e.g. XLA_FLAGS=--xla_cpu_use_thunk_runtime=false; the
+library itself sets none.
 """
 
 from __future__ import annotations
@@ -13,12 +22,17 @@ import json
 import os
 import platform
 import time
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from musicgen_jax import train
+from musicgen_jax import models, train
 from musicgen_jax.config import apply_overrides, load_config
+
+GEMM_SIZE = 2048
 
 
 def synthetic_batch(batch_size: int, window: int, seed: int = 0) -> dict:
@@ -33,37 +47,163 @@ def synthetic_batch(batch_size: int, window: int, seed: int = 0) -> dict:
   return {"inputs": events(), "targets": events()}
 
 
+def forward_flops_per_event(model: ml_collections.ConfigDict) -> int:
+  """Matmul FLOPs of one event's forward pass: the LSTM layers' input and recurrent products and the heads."""
+  in_features = model.embed + (2 if model.inputs == "pitch+dt+velocity" else 0)
+  flops = 0
+  for layer in range(model.layers):
+    flops += 2 * ((in_features if layer == 0 else model.hidden) + model.hidden) * 4 * model.hidden
+  widths = [model.hidden] + [model.hidden // d for d in model.head_divisors]
+  trunk = sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+  for out_features in (models.NUM_PITCHES, 1, 1):
+    flops += trunk + 2 * widths[-1] * out_features
+  return flops
+
+
+def timed(run: Callable[[], Any], repeats: int) -> float:
+  """Seconds per call of `run` (which blocks until its result is ready), averaged over `repeats`."""
+  start = time.perf_counter()
+  for _ in range(repeats):
+    run()
+  return (time.perf_counter() - start) / repeats
+
+
+def gemm_roof(repeats: int = 10) -> float:
+  """FLOP/s of a jitted float32 2048^3 matmul: the dense-compute ceiling this process can reach."""
+  a, b = (jax.random.normal(jax.random.key(i), (GEMM_SIZE, GEMM_SIZE), jnp.float32) for i in range(2))
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  return 2 * GEMM_SIZE**3 / timed(lambda: matmul(a, b).block_until_ready(), repeats)
+
+
+class JaxStep:
+  """Our compiled `Trainer.train_step`, stepping its own state on one fixed batch."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    trainer = train.Trainer(config)
+    self.batch = jax.device_put(synthetic_batch(config.train.batch_size, config.data.window))
+    self.state, self.metrics = trainer.initial_state, trainer.zero_metrics()
+    start = time.perf_counter()
+    self.compiled = trainer.train_step.lower(self.state, self.metrics, self.batch).compile()
+    self.compile_s = time.perf_counter() - start
+    self()
+
+  def __call__(self) -> None:
+    self.state, self.metrics = self.compiled(self.state, self.metrics, self.batch)
+    jax.block_until_ready((self.state, self.metrics))
+
+
+class TorchStep:
+  """The PyTorch reference: the same model shapes, losses, isolation and per-head Adam with clipping."""
+
+  def __init__(self, config: ml_collections.ConfigDict, torch: Any):
+    self.torch = torch
+    nn = torch.nn
+    model, self.isolate = config.model, config.train.isolation == "strict"
+    torch.manual_seed(config.seed)
+    self.continuous = model.inputs == "pitch+dt+velocity"
+    widths = [model.hidden] + [model.hidden // d for d in model.head_divisors]
+
+    def head(out_features: int) -> Any:
+      layers = []
+      for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.Dropout(model.dropout), nn.ReLU()]
+      return nn.Sequential(*layers, nn.Linear(widths[-1], out_features))
+
+    self.embed = nn.Embedding(models.NUM_PITCHES, model.embed)
+    self.lstm = nn.LSTM(model.embed + (2 if self.continuous else 0), model.hidden, model.layers, batch_first=True)
+    self.heads = {"pitch": head(models.NUM_PITCHES), "time": head(1), "velocity": head(1)}
+    trunk = [*self.embed.parameters(), *self.lstm.parameters(), *self.heads["pitch"].parameters()]
+    groups = {"pitch": trunk, "time": list(self.heads["time"].parameters()),
+              "velocity": list(self.heads["velocity"].parameters())}
+    self.groups = [(params, torch.optim.Adam(params, lr=config.train.optimizers[name].learning_rate),
+                    config.train.optimizers[name].clip_norm) for name, params in groups.items()]
+    batch = synthetic_batch(config.train.batch_size, config.data.window)
+    self.batch = jax.tree.map(torch.from_numpy, batch)
+    self()
+
+  def __call__(self) -> None:
+    torch, inputs, targets = self.torch, self.batch["inputs"], self.batch["targets"]
+    x = self.embed(inputs["pitch"].long())
+    if self.continuous:
+      dt = torch.log1p(inputs["dt"].clamp(min=0.0) / models.DT_INPUT_SCALE)
+      x = torch.cat([x, torch.stack([dt, inputs["velocity"] / models.MAX_VELOCITY], -1)], -1)
+    features, _ = self.lstm(x)
+    side = features.detach() if self.isolate else features
+    logits = self.heads["pitch"](features)
+    loss = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets["pitch"].long().flatten())
+            + (self.heads["time"](side)[..., 0] - targets["dt"]).abs().mean()
+            + (self.heads["velocity"](side)[..., 0] - targets["velocity"] / models.MAX_VELOCITY).square().mean())
+    for _, optimizer, _ in self.groups:
+      optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for params, optimizer, clip_norm in self.groups:
+      if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+      optimizer.step()
+
+
+def import_torch() -> Any:
+  """PyTorch with one thread per core, or None (with a hint) when it is not installed."""
+  try:
+    import torch
+  except ImportError:
+    print('PyTorch is not installed: pip install -e ".[bench]" to compare against it; skipping.')
+    return None
+  torch.set_num_threads(os.cpu_count() or 1)
+  return torch
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="default")
-  parser.add_argument("--steps", type=int, default=20, help="timed steps after compile")
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per round and framework")
+  parser.add_argument("--rounds", type=int, default=2, help="alternating jax/PyTorch rounds; the best is kept")
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   config = apply_overrides(load_config(args.config), args.overrides)
-  trainer = train.Trainer(config)
-  batch = jax.device_put(synthetic_batch(config.train.batch_size, config.data.window))
-  state, metrics = trainer.initial_state, train.zero_metrics()
+  torch = None if args.no_torch else import_torch()
+  load_start = os.getloadavg()[0]
 
-  start = time.perf_counter()
-  compiled = trainer.train_step.lower(state, metrics, batch).compile()
-  compile_s = time.perf_counter() - start
-  state, metrics = compiled(state, metrics, batch)
-  jax.block_until_ready(state)
+  jax_step = JaxStep(config)
+  steps = {"jax": jax_step}
+  if torch is not None:
+    steps["torch"] = TorchStep(config, torch)
+  step_s, roof = {name: float("inf") for name in steps}, 0.0
+  for round_index in range(args.rounds):
+    order = list(steps.items())[::-1 if round_index % 2 else 1]
+    for name, step in order:
+      step_s[name] = min(step_s[name], timed(step, args.steps))
+    roof = max(roof, gemm_roof())
 
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = compiled(state, metrics, batch)
-  jax.block_until_ready((state, metrics))
-  step_s = (time.perf_counter() - start) / args.steps
   events = config.train.batch_size * config.data.window
+  train_flops = 3 * forward_flops_per_event(config.model)
+  rates = {name: events / s for name, s in step_s.items()}
   result = {
       "config": args.config, "overrides": args.overrides, "batch_size": config.train.batch_size,
       "window": config.data.window, "hidden": config.model.hidden, "layers": config.model.layers,
-      "dtype": config.model.dtype, "compile_s": round(compile_s, 2), "step_ms": round(1000 * step_s, 1),
-      "events_per_s": round(events / step_s), "backend": jax.default_backend(), "devices": jax.device_count(),
+      "dtype": config.model.dtype, "compile_s": round(jax_step.compile_s, 2),
+      "step_ms": round(1000 * step_s["jax"], 1), "events_per_s": round(rates["jax"]),
+      "train_mflop_per_event": round(train_flops / 1e6, 2),
+      "model_gflop_per_s": round(rates["jax"] * train_flops / 1e9, 1),
+      "gemm_roof_gflop_per_s": round(roof / 1e9, 1), "mfu": round(rates["jax"] * train_flops / roof, 3),
+      "torch_events_per_s": round(rates["torch"]) if torch is not None else None,
+      "vs_torch": round(rates["jax"] / rates["torch"], 3) if torch is not None else None,
+      "torch_version": torch.__version__ if torch is not None else None,
+      "backend": jax.default_backend(), "devices": jax.device_count(),
       "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-      "load_avg_1m": round(os.getloadavg()[0], 2),
+      "load_avg_1m_start": round(load_start, 2), "load_avg_1m": round(os.getloadavg()[0], 2),
   }
+  print(f"{'':22}{'events/s':>10}{'step ms':>10}{'GFLOP/s':>10}{'of roof':>9}")
+  for name, rate in rates.items():
+    gflops = rate * train_flops / 1e9
+    print(f"{name + ' train step':22}{rate:10.0f}{1000 * step_s[name]:10.1f}{gflops:10.1f}{gflops * 1e9 / roof:9.1%}")
+  print(f"{'jax 2048^3 GEMM roof':22}{'':20}{roof / 1e9:10.1f}")
+  if torch is not None:
+    print(f"jax / PyTorch: {result['vs_torch']:.3f}x")
+  print(f"compile {result['compile_s']} s; {train_flops / 1e6:.1f} MFLOP per training event; "
+        f"load average {result['load_avg_1m_start']} -> {result['load_avg_1m']} on {os.cpu_count()} cores")
   print(json.dumps(result))
 
 
