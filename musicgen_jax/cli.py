@@ -79,6 +79,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             primer=args.primer, primer_events=args.primer_events, keep_primer=args.keep_primer,
                             checkpoint=args.checkpoint, prefix=args.prefix, progress=not args.quiet)
   print(f"wrote {len(files)} MIDI file{'s' * (len(files) != 1)} to {Path(args.out).resolve()}")
+  if args.plot:
+    from musicgen_jax import plots
+
+    plots.write_piano_rolls(files)
+    print(f"wrote {len(files)} piano roll{'s' * (len(files) != 1)} (.png) beside them")
+  if args.wav:
+    from musicgen_jax import audio
+
+    problem = audio.unavailable()
+    if problem:
+      print(f"musicgen: warning: no WAV files written: {problem}", file=sys.stderr)
+    else:
+      audio.render_all(files)
+      print(f"wrote {len(files)} WAV file{'s' * (len(files) != 1)} beside them")
+  return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+  from musicgen_jax import stats
+
+  report = stats.judge(args.generated, args.reference, split=args.split, max_dt=args.max_dt)
+  print(json.dumps(report) if args.json else stats.format_table(report))
+  return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+  from musicgen_jax import plots
+
+  for path in args.paths:
+    print(plots.plot(path))
   return 0
 
 
@@ -152,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--keep-primer", action="store_true", help="include the primer in the written files")
   gen.add_argument("--prefix", default="sample", help="file name prefix (default: sample)")
   gen.add_argument("--quiet", action="store_true", help="no progress bar")
+  gen.add_argument("--plot", action="store_true", help="also write a piano-roll PNG beside each MIDI file")
+  gen.add_argument("--wav", action="store_true",
+                   help="also render each file to WAV with FluidSynth (apt-get install fluidsynth fluid-soundfont-gm)")
   add_checkpoint_flag(gen)
 
   ev = command("evaluate", cmd_evaluate, "Score a run on held-out data; prints one JSON object.")
@@ -159,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--data", required=True, metavar="DIR", help="prepared corpus, MIDI folder or MAESTRO root")
   ev.add_argument("--split", default="validation", help="split to score (default: validation)")
   add_checkpoint_flag(ev)
+
+  st = command("stats", cmd_stats, "Judge generated MIDI against real pieces: per-piece statistics compared as "
+               "distributions (overlap area, Yang & Lerch 2018), beside the ceiling of real held-out pieces.")
+  st.add_argument("generated", metavar="GENERATED_DIR", help="folder of generated MIDI files (or one file)")
+  st.add_argument("--reference", required=True, metavar="DIR",
+                  help="prepared corpus (its --split; its other split gives the ceiling), MAESTRO root or MIDI folder")
+  st.add_argument("--split", default="validation", help="reference split to compare with (default: validation)")
+  st.add_argument("--max-dt", type=float, default=4.0, metavar="S",
+                  help="the run's sample.max_dt: dt at this clip is counted (default 4.0)")
+  st.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+  pl = command("plot", cmd_plot, "Draw RUN/curves.png from a run's metrics.jsonl, or a piano roll beside a MIDI file.")
+  pl.add_argument("paths", nargs="+", metavar="RUN|FILE.mid", help="run folder or MIDI file; prints each PNG's path")
 
   cf = command("config", cmd_config, "Print a config with its keys (bundled, a file, or a run's).")
   cf.add_argument("--config", default="default", metavar="FILE|NAME", help="config to print (default: default)")
