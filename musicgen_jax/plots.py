@@ -109,11 +109,12 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, dict[int, float]]:
   for line in path.read_text().splitlines():
     try:
       record = json.loads(line)
-    except json.JSONDecodeError:  # A line cut short by a kill.
+      step = int(record["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # A line cut short by a kill, or not a log line.
       continue
     for key, value in record.items():
       if key.split("/")[0] in PHASES and isinstance(value, (int, float)):
-        series.setdefault(key, {})[int(record["step"])] = float(value)
+        series.setdefault(key, {})[step] = float(value)
   if not series:
     raise UserError(f"{path} holds no train/ or eval/ metrics yet: train the run for train.log_every steps")
   return series

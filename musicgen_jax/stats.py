@@ -38,6 +38,7 @@ GRID = 1024  # Points of the density estimates.
 MIN_BANDWIDTH = 1 / 200  # Of the distances' range: keeps a set of equal distances from being a spike.
 KERNEL_REACH = 4.0  # Bandwidths a Gaussian kernel is evaluated to.
 EPSILON = 1e-10  # Added to densities in the KL divergence.
+ROUNDING = 1e-12  # Relative error of squared distances computed from norms and dot products.
 DECIMALS = 4
 
 
@@ -117,9 +118,13 @@ def feature_matrices(pieces: Sequence[Events], max_dt: float = DEFAULT_MAX_DT) -
 
 
 def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Euclidean distances [len(a), len(b)] between the rows of a and b, without an [a, b, size] intermediate."""
-  squared = np.sum(a * a, axis=1)[:, None] + np.sum(b * b, axis=1)[None, :] - 2.0 * (a @ b.T)
-  return np.sqrt(np.maximum(squared, 0.0))
+  """Euclidean distances [len(a), len(b)] between the rows of a and b, without an [a, b, size] intermediate.
+
+  Squared distances within rounding of the squared norms are 0, so that equal rows are exactly 0 apart.
+  """
+  norms = np.sum(a * a, axis=1)[:, None] + np.sum(b * b, axis=1)[None, :]
+  squared = norms - 2.0 * (a @ b.T)
+  return np.sqrt(np.where(squared > ROUNDING * norms, squared, 0.0))
 
 
 def bandwidth(samples: np.ndarray, floor: float) -> float:
