@@ -3,12 +3,14 @@
 Reading gives exactly the notes of note-seq (`midi_file_to_note_sequence`, then the sustain pedal),
 but decodes the file bytes itself instead of through mido, whose per-message objects and checks
 take most of note-seq's reading time; pretty_midi and note-seq then run unchanged on the result.
+It also reads RIFF-wrapped files (RMID), and refuses what would exhaust time or memory instead of music.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import stat
 import struct
 import warnings
 from typing import TYPE_CHECKING
@@ -29,6 +31,9 @@ WRITE_TICKS_PER_QUARTER = 1920
 # pretty_midi holds one float per tick of the whole file, several times over: 2e7 ticks (over 5 hours at
 # 480 per quarter, 120 qpm) take about 0.6 GB. note-seq allows 1e10, enough to exhaust any memory.
 MAX_TICKS = 2 * 10**7
+# pretty_midi takes some 120 bytes of memory per byte of a dense file: 2 GB for 16 MiB, 40 times the
+# largest MAESTRO file.
+MAX_FILE_BYTES = 16 * 2**20
 _HIGH_BITS = int.from_bytes(b"\x80" * 8, "big")  # the top bit of each data byte (messages have at most 2)
 
 
@@ -141,18 +146,37 @@ def _read_track(data: bytes, pos: int) -> tuple[list, int]:
   return track, pos
 
 
+def _unwrap_rmid(data: bytes) -> bytes:
+  """The standard MIDI data inside a RIFF RMID file (as Windows writes them); other bytes unchanged."""
+  if not (data.startswith(b"RIFF") and data[8:12] == b"RMID"):
+    return data
+  pos = 12
+  while pos + 8 <= len(data):
+    name, size = struct.unpack_from("<4sL", data, pos)
+    if name == b"data":
+      return data[pos + 8:pos + 8 + size]
+    pos += 8 + size + size % 2  # RIFF chunks are padded to an even size
+  return data
+
+
 def _parse_midi(data: bytes) -> mido.MidiFile:
   """A whole file decoded like `mido.MidiFile(file=...)`: the same tracks of messages, or an exception.
 
-  Unlike mido, also raises for files longer than MAX_TICKS.
+  Unlike mido, also reads RMID files, and raises for files without tracks or longer than MAX_TICKS,
+  and for time divisions pretty_midi can't convert to seconds (zero or SMPTE frames).
   """
   import mido
+  data = _unwrap_rmid(data)
   if not data.startswith(b"MThd"):
     raise OSError("not a MIDI file")
   size, = struct.unpack_from(">L", data, 4)
   if size < 6:
     raise EOFError("MIDI header too short")
   _, num_tracks, ticks_per_beat = struct.unpack_from(">hhh", data, 8)
+  if num_tracks < 1:
+    raise ValueError("no tracks")
+  if ticks_per_beat <= 0:
+    raise ValueError("SMPTE time division not supported" if ticks_per_beat < 0 else "zero ticks per beat")
   pos = 8 + size
   tracks = []
   for _ in range(num_tracks):
@@ -171,6 +195,28 @@ def _reason(error: Exception) -> str:
   return str(error).splitlines()[0][:100] if str(error) else type(error).__name__
 
 
+def read_file_bytes(path: str | os.PathLike) -> bytes:
+  """The bytes of a would-be MIDI file; MidiReadError if it isn't a regular, non-empty file of plausible size.
+
+  Checked before opening: a FIFO or a device would block or never end.
+  """
+  try:
+    info = os.stat(path)
+    if stat.S_ISDIR(info.st_mode):
+      raise MidiReadError("is a directory")
+    if not stat.S_ISREG(info.st_mode):
+      raise MidiReadError("not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+      raise MidiReadError(f"implausibly large ({info.st_size} bytes)")
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as error:
+    raise MidiReadError((error.strerror or str(error)).lower()) from error
+  if not data:
+    raise MidiReadError("empty file")
+  return data
+
+
 def read_note_sequence(path: str | os.PathLike, *, sustain: bool = True) -> music_pb2.NoteSequence:
   """The NoteSequence note-seq's `midi_file_to_note_sequence` gives for a file, sustain pedal applied if `sustain`.
 
@@ -178,13 +224,7 @@ def read_note_sequence(path: str | os.PathLike, *, sustain: bool = True) -> musi
   """
   import note_seq
   import pretty_midi
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as error:
-    raise MidiReadError((error.strerror or str(error)).lower()) from error
-  if not data:
-    raise MidiReadError("empty file")
+  data = read_file_bytes(path)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
