@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 1000
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 3
+  config.train.sample_every = 5000  # Write and log a few samples every so many steps (0: never).
+  config.train.sample_count = 4
+  config.train.sample_length = 512
   config.train.optimizers = ml_collections.ConfigDict()
   for name in ("pitch", "time", "velocity"):
     optimizer = ml_collections.ConfigDict()

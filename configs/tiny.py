@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.log_every = 25
     config.train.eval_every = 100
     config.train.checkpoint_every = 100
+    config.train.sample_every = 0
     for optimizer in config.train.optimizers.values():
       optimizer.learning_rate = 3e-3
       optimizer.warmup_steps = 20

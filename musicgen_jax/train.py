@@ -359,6 +359,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if step % config.train.log_every != 0 and not last:
           check_finite(jax.device_get(metrics))
         checkpointing.save(manager, step, state, train_iter.get_state(), eval_metrics)
+      if config.train.sample_every and step % config.train.sample_every == 0 and log.primary:
+        from musicgen_jax import plots
+
+        plots.log_samples(workdir, trainer.graphdef, state.params, config, step, log.writer,
+                          num=config.train.sample_count, length=config.train.sample_length)
       if last:
         break
   return state
