@@ -51,39 +51,43 @@ def _cell(pre_gates: jax.Array, c_prev: jax.Array) -> tuple[jax.Array, jax.Array
   return o * jnp.tanh(c), c, tanh_gates
 
 
-def _lstm_forward(projected: jax.Array, kernel: jax.Array, h0: jax.Array,
-                  c0: jax.Array) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
-  """The recurrence over time-major `projected` [time, batch, 4 * hidden]; returns (outputs, h, c) and the
-  per-step gate tanh values and cell states that the backward pass reuses."""
+def _lstm_forward(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array,
+                  c0: jax.Array, *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
+  """The layer over time-major `inputs` [time, batch, features]: the input projection as one matmul, then
+  the recurrence. Returns (outputs, h, c) and, with `keep_residuals`, each step's gate tanh values and
+  cell state."""
+  projected = jnp.dot(inputs, input_kernel)
 
   def step(carry: tuple[jax.Array, jax.Array], x_t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
     h, c = carry
-    pre = x_t.astype(jnp.float32) + jnp.dot(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    pre = (x_t.astype(jnp.float32) + bias.astype(jnp.float32)
+           + jnp.dot(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32))
     h, c, tanh_gates = _cell(pre, c)
-    return (h, c), (h.astype(projected.dtype), tanh_gates, c)
+    output = h.astype(projected.dtype)
+    return (h, c), ((output, tanh_gates, c) if keep_residuals else (output,))
 
-  (h, c), (outputs, tanh_gates, cells) = jax.lax.scan(step, (h0, c0), projected)
-  return (outputs, h, c), (tanh_gates, cells)
+  (h, c), (outputs, *residuals) = jax.lax.scan(step, (h0, c0), projected)
+  return (outputs, h, c), tuple(residuals)
 
 
 @jax.custom_vjp
-def _lstm_scan(projected: jax.Array, kernel: jax.Array, h0: jax.Array,
-               c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The LSTM recurrence with a hand-written backward pass; returns outputs [time, batch, hidden], final h and c.
+def _lstm(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array,
+          c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The LSTM layer with a hand-written backward pass; returns outputs [time, batch, hidden], final h and c.
 
-  The backward scan carries only dh and dc and emits the pre-activation gradients; the recurrent
-  kernel's gradient is then one large matmul over all time steps instead of a small one per step.
+  The backward scan carries only dh and dc and emits the pre-activation gradients; both kernels'
+  gradients are then one large matmul over all time steps instead of a small one per step.
   """
-  return _lstm_forward(projected, kernel, h0, c0)[0]
+  return _lstm_forward(inputs, input_kernel, bias, kernel, h0, c0, keep_residuals=False)[0]
 
 
-def _lstm_scan_fwd(projected, kernel, h0, c0):
-  result, (tanh_gates, cells) = _lstm_forward(projected, kernel, h0, c0)
-  return result, (kernel, h0, c0, result[0], tanh_gates, cells)
+def _lstm_fwd(inputs, input_kernel, bias, kernel, h0, c0):
+  result, (tanh_gates, cells) = _lstm_forward(inputs, input_kernel, bias, kernel, h0, c0, keep_residuals=True)
+  return result, (inputs, input_kernel, bias, kernel, h0, c0, result[0], tanh_gates, cells)
 
 
-def _lstm_scan_bwd(residuals, cotangents):
-  kernel, h0, c0, outputs, tanh_gates, cells = residuals
+def _lstm_bwd(residuals, cotangents):
+  inputs, input_kernel, bias, kernel, h0, c0, outputs, tanh_gates, cells = residuals
   d_outputs, dh_final, dc_final = cotangents
   scale = _gate_scale(h0.shape[-1])
   c_prev = jnp.concatenate([c0[None], cells[:-1]])
@@ -102,20 +106,28 @@ def _lstm_scan_bwd(residuals, cotangents):
 
   (dh0, dc0), d_pre = jax.lax.scan(step, (dh_final, dc_final), (d_outputs, tanh_gates, cells, c_prev),
                                    reverse=True)
+  flat_d_pre = d_pre.reshape(-1, d_pre.shape[-1])
+  d_inputs = jax.lax.dot_general(flat_d_pre, input_kernel, (((1,), (1,)), ((), ())))
+  # Both kernels' gradients in one matmul: [inputs, h_prev] is the smaller operand to transpose.
   h_prev = jnp.concatenate([h0[None].astype(outputs.dtype), outputs[:-1]])
-  d_kernel = jnp.einsum("tbh,tbg->hg", h_prev, d_pre, preferred_element_type=jnp.float32)
-  return d_pre, d_kernel.astype(kernel.dtype), dh0.astype(h0.dtype), dc0.astype(c0.dtype)
+  operands = jnp.concatenate([inputs, h_prev], axis=-1).reshape(-1, inputs.shape[-1] + h_prev.shape[-1])
+  d_kernels = jnp.dot(operands.T, flat_d_pre, preferred_element_type=jnp.float32)
+  d_bias = jnp.sum(flat_d_pre, axis=0, dtype=jnp.float32)
+  return (d_inputs.reshape(inputs.shape), d_kernels[:inputs.shape[-1]].astype(input_kernel.dtype),
+          d_bias.astype(bias.dtype), d_kernels[inputs.shape[-1]:].astype(kernel.dtype), dh0.astype(h0.dtype),
+          dc0.astype(c0.dtype))
 
 
-_lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
+_lstm.defvjp(_lstm_fwd, _lstm_bwd)
 
 
 class LSTMLayer(nnx.Module):
   """One unidirectional LSTM layer whose input projection runs as one matmul over all time steps.
 
-  Only the recurrent matmul stays inside `lax.scan`, which keeps the sequential part lean on every
-  backend; a custom backward pass keeps it lean in training too (see `_lstm_scan`). Gates are
-  ordered input, forget, cell, output; the cell state is kept in float32.
+  Only the recurrent matmul (and the projection's bias, added in the same pass as the gates)
+  stays inside `lax.scan`, which keeps the sequential part lean on every backend; a custom
+  backward pass keeps it lean in training too (see `_lstm`). Gates are ordered input,
+  forget, cell, output; the cell state is kept in float32.
   """
 
   def __init__(self, in_features: int, hidden: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
@@ -134,9 +146,9 @@ class LSTMLayer(nnx.Module):
 
   def __call__(self, inputs: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
     """Runs the layer over `inputs` [batch, time, features] from `state`; returns outputs and final state."""
-    projected = self.input_proj(jnp.swapaxes(inputs, 0, 1))
-    kernel = self.recurrent_kernel.value.astype(self.dtype)
-    outputs, h, c = _lstm_scan(projected, kernel, state.h, state.c)
+    cast = lambda x: x.astype(self.dtype)
+    outputs, h, c = _lstm(cast(jnp.swapaxes(inputs, 0, 1)), cast(self.input_proj.kernel.value),
+                          cast(self.input_proj.bias.value), cast(self.recurrent_kernel.value), state.h, state.c)
     return jnp.swapaxes(outputs, 0, 1), LSTMState(h, c)
 
 
