@@ -162,8 +162,8 @@ def _unwrap_rmid(data: bytes) -> bytes:
 def _parse_midi(data: bytes) -> mido.MidiFile:
   """A whole file decoded like `mido.MidiFile(file=...)`: the same tracks of messages, or an exception.
 
-  Unlike mido, also reads RMID files, and raises for files without tracks or longer than MAX_TICKS,
-  and for time divisions pretty_midi can't convert to seconds (zero or SMPTE frames).
+  Unlike mido, also reads RMID files, and raises for files longer than MAX_TICKS and for time
+  divisions pretty_midi can't convert to seconds (zero or SMPTE frames).
   """
   import mido
   data = _unwrap_rmid(data)
@@ -173,8 +173,6 @@ def _parse_midi(data: bytes) -> mido.MidiFile:
   if size < 6:
     raise EOFError("MIDI header too short")
   _, num_tracks, ticks_per_beat = struct.unpack_from(">hhh", data, 8)
-  if num_tracks < 1:
-    raise ValueError("no tracks")
   if ticks_per_beat <= 0:
     raise ValueError("SMPTE time division not supported" if ticks_per_beat < 0 else "zero ticks per beat")
   pos = 8 + size
@@ -224,12 +222,17 @@ def read_note_sequence(path: str | os.PathLike, *, sustain: bool = True) -> musi
   """
   import note_seq
   import pretty_midi
+  from note_seq.protobuf import music_pb2
   data = read_file_bytes(path)
   try:
+    midi_file = _parse_midi(data)
+    # pretty_midi fails on a track without messages, hence on a file without tracks: neither holds notes.
+    midi_file.tracks = [track for track in midi_file.tracks if track]
+    if not midi_file.tracks:
+      return music_pb2.NoteSequence()
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      midi = pretty_midi.PrettyMIDI(mido_object=_parse_midi(data))
-      sequence = note_seq.midi_io.midi_to_note_sequence(midi)
+      sequence = note_seq.midi_io.midi_to_note_sequence(pretty_midi.PrettyMIDI(mido_object=midi_file))
   except Exception as error:  # pretty_midi fails on bad data in many ways, as note-seq knows too.
     raise MidiReadError(_reason(error)) from error
   return note_seq.apply_sustain_control_changes(sequence) if sustain else sequence
