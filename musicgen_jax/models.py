@@ -55,16 +55,16 @@ def _lstm_forward(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, k
                   c0: jax.Array, *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
   """The layer over time-major `inputs` [time, batch, features]: the input projection as one matmul, then
   the recurrence. Returns (outputs, h, c) and, with `keep_residuals`, each step's gate tanh values and
-  cell state."""
+  incoming cell state."""
   projected = jnp.dot(inputs, input_kernel)
 
   def step(carry: tuple[jax.Array, jax.Array], x_t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
-    h, c = carry
+    h, c_prev = carry
     pre = (x_t.astype(jnp.float32) + bias.astype(jnp.float32)
            + jnp.dot(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32))
-    h, c, tanh_gates = _cell(pre, c)
+    h, c, tanh_gates = _cell(pre, c_prev)
     output = h.astype(projected.dtype)
-    return (h, c), ((output, tanh_gates, c) if keep_residuals else (output,))
+    return (h, c), ((output, tanh_gates, c_prev) if keep_residuals else (output,))
 
   (h, c), (outputs, *residuals) = jax.lax.scan(step, (h0, c0), projected)
   return (outputs, h, c), tuple(residuals)
@@ -82,21 +82,20 @@ def _lstm(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, kernel: j
 
 
 def _lstm_fwd(inputs, input_kernel, bias, kernel, h0, c0):
-  result, (tanh_gates, cells) = _lstm_forward(inputs, input_kernel, bias, kernel, h0, c0, keep_residuals=True)
-  return result, (inputs, input_kernel, bias, kernel, h0, c0, result[0], tanh_gates, cells)
+  result, (tanh_gates, c_prev) = _lstm_forward(inputs, input_kernel, bias, kernel, h0, c0, keep_residuals=True)
+  return result, (inputs, input_kernel, bias, kernel, h0, result[0], tanh_gates, c_prev)
 
 
 def _lstm_bwd(residuals, cotangents):
-  inputs, input_kernel, bias, kernel, h0, c0, outputs, tanh_gates, cells = residuals
+  inputs, input_kernel, bias, kernel, h0, outputs, tanh_gates, c_prev = residuals
   d_outputs, dh_final, dc_final = cotangents
   scale = _gate_scale(h0.shape[-1])
-  c_prev = jnp.concatenate([c0[None], cells[:-1]])
 
   def step(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
     dh, dc = carry
-    d_out, tanh_g, c, c_before = xs
+    d_out, tanh_g, c_before = xs
     i, f, g, o = jnp.split(tanh_g * scale + (1.0 - scale), 4, axis=-1)
-    tanh_c = jnp.tanh(c)
+    tanh_c = jnp.tanh(f * c_before + i * g)
     dh = dh + d_out.astype(jnp.float32)
     dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
     d_act = jnp.concatenate([dc * g, dc * c_before, dc * i, dh * tanh_c], axis=-1)
@@ -104,7 +103,7 @@ def _lstm_bwd(residuals, cotangents):
     dh_prev = jax.lax.dot_general(d_pre, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return (dh_prev, dc * f), d_pre
 
-  (dh0, dc0), d_pre = jax.lax.scan(step, (dh_final, dc_final), (d_outputs, tanh_gates, cells, c_prev),
+  (dh0, dc0), d_pre = jax.lax.scan(step, (dh_final, dc_final), (d_outputs, tanh_gates, c_prev),
                                    reverse=True)
   flat_d_pre = d_pre.reshape(-1, d_pre.shape[-1])
   d_inputs = jax.lax.dot_general(flat_d_pre, input_kernel, (((1,), (1,)), ((), ())))
@@ -115,7 +114,7 @@ def _lstm_bwd(residuals, cotangents):
   d_bias = jnp.sum(flat_d_pre, axis=0, dtype=jnp.float32)
   return (d_inputs.reshape(inputs.shape), d_kernels[:inputs.shape[-1]].astype(input_kernel.dtype),
           d_bias.astype(bias.dtype), d_kernels[inputs.shape[-1]:].astype(kernel.dtype), dh0.astype(h0.dtype),
-          dc0.astype(c0.dtype))
+          dc0)
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)
