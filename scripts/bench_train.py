@@ -8,11 +8,12 @@ reports events/s, model FLOPs utilisation (one training event ~ 3x its forward m
 the ratio to PyTorch. Rounds alternate jax and PyTorch and the best of each is kept, so that a
 burst of load from other processes hurts both alike; the load average is printed with the figures.
 
-  python scripts/bench_train.py [--config default] [--steps 10] [--rounds 2] [--no-torch] [key=value ...]
+  python scripts/bench_train.py [--config default] [--steps 3] [--rounds 4] [--no-torch] [key=value ...]
 
 PyTorch comes from `pip install -e ".[bench]"` (a CPU wheel). XLA CPU flags can be tried without
-code changes through the environment, e.g. XLA_FLAGS=--xla_cpu_use_thunk_runtime=false; the
-library itself sets none.
+code changes through the environment, e.g. XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (dots
+without YNNPACK: slower on a 2-core Xeon); the library itself sets none. On a shared machine, run
+with a low `uptime` load: the figures of both frameworks fall with it, PyTorch's most.
 """
 
 from __future__ import annotations
@@ -157,8 +158,8 @@ def import_torch() -> Any:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="default")
-  parser.add_argument("--steps", type=int, default=10, help="timed steps per round and framework")
-  parser.add_argument("--rounds", type=int, default=2, help="alternating jax/PyTorch rounds; the best is kept")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per round and framework")
+  parser.add_argument("--rounds", type=int, default=4, help="alternating jax/PyTorch rounds; the best is kept")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
