@@ -176,7 +176,9 @@ def serve(conn: connection.Connection, file_timeout: float) -> None:
   `run_job`'s result, until the pipe closes.
 
   Should the parent die while a file hangs, nobody would kill this process: an alarm ends it instead.
+  Ctrl+C is the parent's to handle (it kills its workers).
   """
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   answer = None
   while True:
     try:

@@ -174,6 +174,15 @@ def test_unusable_sources_are_user_errors(tmp_path, make_source, message):
     prepare_quietly([make_source(tmp_path)], tmp_path / "out")
 
 
+@pytest.mark.parametrize("option, value, message", [("workers", 0, "--workers must be at least 1"),
+                                                    ("val_fraction", 1.0, "--val-fraction must be in"),
+                                                    ("file_timeout", 0.0, "--file-timeout must be a positive")])
+def test_bad_options_are_user_errors(tmp_path, option, value, message):
+  make_files(tmp_path / "src", ["a.mid"])
+  with pytest.raises(UserError, match=message):
+    prepare_quietly([tmp_path / "src"], tmp_path / "out", **{option: value})
+
+
 def test_out_dir_holding_other_files_is_refused(tmp_path):
   make_files(tmp_path / "src", ["a.mid"])
   (tmp_path / "out").mkdir()
