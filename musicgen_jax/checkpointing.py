@@ -7,6 +7,7 @@ moment leaves the previous checkpoints intact.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from orbax.checkpoint import checkpoint_managers
 from musicgen_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+DELETED_DIR = ".deleted"  # Old checkpoints are renamed here (atomic), then purged.
 BEST_METRIC = "pitch_nll"
 
 
@@ -29,14 +31,28 @@ def checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, *, read_only: 
       checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=True, n=1,
                                 keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only, create=not read_only,
-                                         best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="min")
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, read_only=read_only, create=not read_only,
+      best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="min",
+      todelete_subdir=None if read_only else DELETED_DIR)
+  if not read_only:
+    purge_deleted(directory)
   return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+
+def purge_deleted(directory: Path) -> None:
+  """Removes checkpoints that orbax has retired (renamed whole into DELETED_DIR, no longer listed), so a
+  kill here loses nothing; entries are removed one by one because orbax may be renaming another in.
+  """
+  retired = directory / DELETED_DIR
+  for entry in retired.iterdir() if retired.is_dir() else ():
+    shutil.rmtree(entry, ignore_errors=True)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any] | None,
          metrics: dict[str, float] | None = None) -> None:
   """Starts an asynchronous save of `state` (a pytree) and the iterator position; `metrics` rank it."""
+  purge_deleted(Path(manager.directory))
   items = {"state": ocp.args.StandardSave(state)}
   if data_state is not None:
     items["data"] = ocp.args.JsonSave(data_state)
