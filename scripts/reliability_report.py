@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 from musicgen_jax import prepare  # noqa: E402
@@ -34,6 +35,17 @@ def corpus_figures(tmp: Path) -> dict:
   return {"files": len(outcomes), "gave_events": len(outcomes) - sum(reasons.values()), "skipped": dict(reasons)}
 
 
+def time_limit_figures(tmp: Path) -> dict:
+  """A file that takes some 10 s to read between two quick ones, with a 0.5 s limit: outcomes and wall time."""
+  (tmp / "corpus").mkdir()
+  for name, content in {"a.mid": harness.TUNE, "slow.mid": harness.many_notes(1_000_000), "z.mid": harness.TUNE}.items():
+    (tmp / "corpus" / name).write_bytes(content)
+  start = time.monotonic()
+  manifest = prepare.prepare_corpus([str(tmp / "corpus")], tmp / "out", val_fraction=0.0, progress=False,
+                                    file_timeout=0.5)
+  return {"outcomes": harness.outcomes_by_name(manifest, tmp / "out"), "seconds": round(time.monotonic() - start, 1)}
+
+
 def fuzz_figures(tmp: Path, examples: int, seed: int) -> dict:
   """`examples` randomly mutated files through the reader: how many gave events, the others by reason."""
   rng = random.Random(seed)
@@ -48,6 +60,11 @@ def fuzz_figures(tmp: Path, examples: int, seed: int) -> dict:
   return {"files": examples, "outcomes": dict(outcomes.most_common())}
 
 
+def crash_figures(tmp: Path) -> dict:
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    return harness.crash_before_each_rename(tmp, monkeypatch)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--fuzz", type=int, default=2000, help="mutated files to read")
@@ -58,8 +75,10 @@ def main() -> None:
   flags.FLAGS.mark_as_parsed()
   sections = {
       "odd files through prepare": corpus_figures,
+      "--file-timeout 0.5": time_limit_figures,
       "fuzzed reader": lambda tmp: fuzz_figures(tmp, args.fuzz, args.seed),
       "prepare SIGKILLed (--workers 1)": lambda tmp: harness.kill_prepare(tmp, args.prepare_rounds, 2, args.seed),
+      "prepare's parent killed before each rename": crash_figures,
       "train SIGKILLed (tiny, 60 steps)": lambda tmp: harness.kill_training(tmp, harness.reference_run(tmp),
                                                                            args.train_kills, args.seed),
   }

@@ -286,7 +286,7 @@ def read_outcome(path: Path) -> Outcome:
   return len(stream)
 
 
-def fuzz_reader(examples: int):
+def fuzz_reader(examples: int) -> Callable:
   """A hypothesis test of `examples` mutated files: each read or refused with a reason, never anything else."""
   @settings(max_examples=examples, deadline=None, database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -430,31 +430,36 @@ def crash_at_rename(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
   monkeypatch.setattr(Path, "rename", guarded(Path.rename))
 
 
-def test_crash_before_any_rename_of_the_store_leaves_no_manifest_and_reruns_exactly(tmp_path, monkeypatch):
-  # Each rename commits one step of the store (a split, the manifest): kill the parent just before each in turn,
-  # over an earlier store of other contents, the worst case for a rerun.
-  piano_corpus(tmp_path / "corpus", files=12, notes=50)
-  prepare_quietly = lambda out: prepare.prepare_corpus([str(tmp_path / "corpus")], out, progress=False,
-                                                       val_fraction=0.3)
-  prepare_quietly(tmp_path / "reference")
-  prepare_quietly(tmp_path / "out")
-  for path in sorted((tmp_path / "corpus").iterdir())[::2]:
+def crash_before_each_rename(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+  """Reprepares a changed corpus over an earlier store (the worst case for a rerun), the parent killed just
+  before its first rename (each commits a split or the manifest), then before its second, and so on until a
+  run completes; after each, the manifest must be absent. Returns the figures of the store the last run left.
+  """
+  piano_corpus(tmp / "corpus", files=12, notes=50)
+  prepare_quietly = lambda out: prepare.prepare_corpus([str(tmp / "corpus")], out, progress=False, val_fraction=0.3)
+  prepare_quietly(tmp / "out")
+  old = store_contents(tmp / "out")
+  for path in sorted((tmp / "corpus").iterdir())[::2]:
     path.write_bytes(TUNE)
-  prepare_quietly(tmp_path / "new reference")
+  prepare_quietly(tmp / "reference")
   crashes = 0
   while True:
     with monkeypatch.context() as patch:
       crash_at_rename(patch, crashes + 1)
       try:
-        prepare_quietly(tmp_path / "out")
+        prepare_quietly(tmp / "out")
         break
       except SimulatedKill:
         crashes += 1
-    assert not (tmp_path / "out" / prepare.MANIFEST).exists()
-  assert crashes >= 3
-  assert bytes_lost(store_contents(tmp_path / "new reference"), store_contents(tmp_path / "out")) == 0
-  assert store_contents(tmp_path / "new reference") != store_contents(tmp_path / "reference")
-  assert not leftovers(tmp_path / "out")
+    assert not (tmp / "out" / prepare.MANIFEST).exists()
+  reference = store_contents(tmp / "reference")
+  assert reference != old and not leftovers(tmp / "out")
+  return {"crash_points": crashes, "bytes_lost": bytes_lost(reference, store_contents(tmp / "out"))}
+
+
+def test_crash_before_any_rename_of_the_store_leaves_no_manifest_and_reruns_exactly(tmp_path, monkeypatch):
+  figures = crash_before_each_rename(tmp_path, monkeypatch)
+  assert figures["crash_points"] >= 3 and figures["bytes_lost"] == 0
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
@@ -600,7 +605,7 @@ def kill_training(tmp: Path, reference: dict, kills: int, seed: int) -> dict:
   tmp.mkdir(parents=True, exist_ok=True)
   rng = random.Random(seed)
   figures = collections.Counter(runs=0, kills=0, launches=0, checkpoints_restored=0,
-                                old_checkpoints_left_half_deleted=0, torn_metrics_lines=0)
+                                old_checkpoints_left_half_deleted=0, torn_metrics_lines=0, torn_metrics_lines_made=0)
   kills_by_moment = collections.Counter()
   while figures["kills"] < kills or not figures["runs"]:
     workdir = tmp / f"run-{figures['runs']}"
@@ -620,6 +625,7 @@ def kill_training(tmp: Path, reference: dict, kills: int, seed: int) -> dict:
       figures["torn_metrics_lines"] += metrics_lines(workdir)[1]
       if figures["kills"] == kills:  # whatever the kills left, the final launch must repair a torn line
         tear_metrics_tail(workdir)
+        figures["torn_metrics_lines_made"] += 1
     lines, torn = metrics_lines(workdir)
     assert not torn and final_metrics(lines) == reference["metrics"]
     differing = [int(np.sum(a != b)) for a, b in zip(params_of(workdir), reference["params"], strict=True)]
