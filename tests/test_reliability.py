@@ -113,6 +113,7 @@ def special_files() -> dict[str, tuple[Callable[[Path], object], Outcome]]:
       "pipe.mid": (os.mkfifo, "not a regular file"),  # opening it would block forever
       "endless.mid": (lambda path: path.symlink_to("/dev/zero"), "not a regular file"),
       "dangling.mid": (lambda path: path.symlink_to(path.with_name("nowhere")), "file not found"),
+      "loop.mid": (lambda path: path.symlink_to(path), "file not found"),
       "huge.mid": (sparse, f"implausibly large ({events.MAX_FILE_BYTES + 1} bytes)"),
   }
 
