@@ -479,10 +479,6 @@ def test_store_of_a_preparation_killed_while_writing_is_not_taken_for_complete(t
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Training killed at any moment: it completes bit-identical to an uninterrupted run.
 
-# checkpointing.py lets orbax delete old checkpoints in place: a kill meanwhile leaves an old step listed but
-# unrestorable (see the xfail test at the end). Until that is fixed, the kill tests count such steps instead of
-# failing on them; a broken latest checkpoint, the one a restart resumes from, always fails them.
-HALF_DELETED_CHECKPOINTS_TOLERATED = True
 TRAIN_OVERRIDES = ("train.steps=60", "train.checkpoint_every=5", "train.log_every=5", "train.eval_every=20")
 UNTIMED_METRICS = ("train/step_time_s", "train/events_per_s")
 
@@ -605,8 +601,8 @@ def kill_training(tmp: Path, reference: dict, kills: int, seed: int) -> dict:
   """
   tmp.mkdir(parents=True, exist_ok=True)
   rng = random.Random(seed)
-  figures = collections.Counter(runs=0, kills=0, launches=0, checkpoints_restored=0,
-                                old_checkpoints_left_half_deleted=0, torn_metrics_lines=0, torn_metrics_lines_made=0)
+  figures = collections.Counter(runs=0, kills=0, launches=0, checkpoints_restored=0, torn_metrics_lines=0,
+                                torn_metrics_lines_made=0)
   kills_by_moment = collections.Counter()
   while figures["kills"] < kills or not figures["runs"]:
     workdir = tmp / f"run-{figures['runs']}"
@@ -619,10 +615,8 @@ def kill_training(tmp: Path, reference: dict, kills: int, seed: int) -> dict:
       figures["kills"] += 1
       kills_by_moment[moment] += 1
       listed, failed = restore_every_checkpoint(workdir)
-      half_deleted = [step for step in failed if step < max(listed)] if HALF_DELETED_CHECKPOINTS_TOLERATED else []
-      assert failed == half_deleted, f"checkpoints {failed} of {workdir} are listed but don't restore"
-      figures["checkpoints_restored"] += len(listed) - len(failed)
-      figures["old_checkpoints_left_half_deleted"] += len(failed)
+      assert not failed, f"checkpoints {failed} of {workdir} are listed but don't restore"
+      figures["checkpoints_restored"] += len(listed)
       figures["torn_metrics_lines"] += metrics_lines(workdir)[1]
       if figures["kills"] == kills:  # whatever the kills left, the final launch must repair a torn line
         tear_metrics_tail(workdir)
@@ -650,35 +644,37 @@ def test_training_killed_ten_times_ends_bit_identical(uninterrupted_training, tm
   assert figures["kills"] >= 10 and figures["parameters_differing"] == 0
 
 
-# Run as a script: the train command with orbax's deletion of an old checkpoint cut short, as SIGKILL would.
+# Run as a script: the train command killed by SIGKILL while orbax retires its first old checkpoint. Deleting
+# in place is cut short half-way; a rename (atomic) is done, then the kill comes before anything else.
 DIE_WHILE_DELETING = """
 import os, signal, sys
 from pathlib import Path
 from orbax.checkpoint._src.path import deleter
 from musicgen_jax import cli
 
-def delete_half_then_die(self, path, **kwargs):
-  files = sorted(p for p in Path(str(path)).rglob("*") if p.is_file())
-  for file in files[len(files) // 2:]:
-    file.unlink()
+retire = deleter.PathDeleter.delete
+
+def retire_then_die(self, path, **kwargs):
+  if kwargs.get("destination") is None:
+    files = sorted(p for p in Path(str(path)).rglob("*") if p.is_file())
+    for file in files[len(files) // 2:]:
+      file.unlink()
+  else:
+    retire(self, path, **kwargs)
   os.kill(os.getpid(), signal.SIGKILL)
 
-deleter.PathDeleter.delete = delete_half_then_die
+deleter.PathDeleter.delete = retire_then_die
 sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "checkpointing.checkpoint_manager lets orbax delete old checkpoints in place, file by file: a kill "
-    "meanwhile leaves a step folder orbax still lists but can't restore"))
-def test_kill_while_an_old_checkpoint_is_deleted_leaves_every_listed_checkpoint_restorable(
+def test_kill_while_an_old_checkpoint_is_retired_leaves_every_listed_checkpoint_restorable(
     uninterrupted_training, tmp_path):
   (tmp_path / "driver.py").write_text(DIE_WHILE_DELETING)
   command = [sys.executable, str(tmp_path / "driver.py"), *train_command(tmp_path / "run", uninterrupted_training[
       "data"])[3:]]
   process = subprocess.run(command, env=uninterrupted_training["env"], capture_output=True)
-  if process.returncode != -signal.SIGKILL:
-    raise RuntimeError(f"the driver did not die deleting a checkpoint: {process.stderr.decode()[-2000:]}")
+  assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
   listed, failed = restore_every_checkpoint(tmp_path / "run")
   assert listed and not failed, f"checkpoints {failed} of {listed} listed don't restore"
 
