@@ -95,3 +95,11 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs_close():
 def test_unknown_input_mode_is_rejected():
   with pytest.raises(ValueError, match="model.inputs"):
     tiny_model("model.inputs=pitch+velocity")
+
+
+def test_byte_dropout_drops_at_the_rate_and_keeps_the_mean():
+  x = jnp.ones((256, 512))
+  dropped = models.byte_dropout(x, 0.25, jax.random.PRNGKey(0))
+  assert abs(float(jnp.mean(dropped == 0)) - 0.25) < 0.01
+  assert abs(float(jnp.mean(dropped)) - 1.0) < 0.02
+  np.testing.assert_array_equal(models.byte_dropout(x, 0.0, jax.random.PRNGKey(0)), x)
