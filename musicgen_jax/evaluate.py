@@ -10,13 +10,11 @@ from typing import Any
 from musicgen_jax import paths, store
 from musicgen_jax.errors import UserError
 
-MANIFEST = "manifest.json"
-
 
 def prepared_data(data: str | os.PathLike, sustain: bool) -> Path:
   """`data` itself if `musicgen prepare` wrote it, else a cached preparation of that MIDI folder or root."""
   data = Path(data)
-  if (data / MANIFEST).is_file():
+  if store.is_complete(data):
     return data
   if not data.exists():
     raise UserError(f"{data} does not exist: give a prepared folder, a MIDI folder or a MAESTRO root")

@@ -18,7 +18,6 @@ import csv
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import multiprocessing
 import os
@@ -39,7 +38,7 @@ from musicgen_jax.errors import UserError
 
 MIDI_SUFFIXES = (".mid", ".midi", ".smf")
 SPLITS = ("train", "validation", "test")
-MANIFEST = "manifest.json"
+MANIFEST = store.MANIFEST
 CACHE_DIR = ".cache"
 CACHE_VERSION = 2  # bump when the events read from a file change
 FILE_TIMEOUT = 60.0  # seconds a worker may spend on one file before it is killed and the file skipped
@@ -341,13 +340,6 @@ def split_order(split: str) -> tuple[int, str]:
   return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-  """Writes `manifest.json` atomically: present only once the whole store is."""
-  tmp = out_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-  tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-  os.replace(tmp, out_dir / MANIFEST)
-
-
 def write_store(out_dir: Path, kept: dict[str, list[tuple[Piece, Path]]]) -> dict[str, Any]:
   """Writes each split from the cache files of its pieces, one split in memory at a time (removing splits of
   an earlier run that this one doesn't have); the manifest's splits.
@@ -409,7 +401,7 @@ def prepare_corpus(sources: list[str], out_dir: str | os.PathLike, *, workers: i
       "skipped": skipped,
       "cache": cache,
   }
-  write_manifest(out_dir, manifest)
+  store.write_manifest(out_dir, manifest)
   if skipped:
     print(summary(skipped, len(pieces), out_dir / MANIFEST), file=sys.stderr)
   return manifest

@@ -7,13 +7,15 @@ share the page cache instead of copying the corpus.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"  # Written last: a store without it is incomplete and never read.
 FIELDS = ("pitch", "dt", "velocity")
 DTYPES = {"pitch": np.uint8, "dt": np.float32, "velocity": np.uint8}
 
@@ -59,9 +61,32 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
   return Path(root) / split
 
 
+def is_complete(root: str | os.PathLike) -> bool:
+  """Whether `root` is a finished store: its manifest, written last, is in place."""
+  return bool(root) and (Path(root) / MANIFEST).is_file()
+
+
 def has_split(root: str | os.PathLike, split: str) -> bool:
-  """Whether `root` holds a complete prepared split of that name."""
-  return bool(root) and (split_dir(root, split) / "offsets.npy").is_file()
+  """Whether `root` is a finished store holding a split of that name."""
+  return is_complete(root) and (split_dir(root, split) / "offsets.npy").is_file()
+
+
+def write_manifest(root: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+  """Writes the manifest atomically, as the last step of writing a store: it marks the store complete."""
+  tmp = Path(root) / f".{MANIFEST}.tmp-{os.getpid()}"
+  tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+  os.replace(tmp, Path(root) / MANIFEST)
+
+
+def write_corpus(root: str | os.PathLike, splits: Mapping[str, Sequence[Events]]) -> Path:
+  """Writes a whole store from events in memory (splits, then a minimal manifest); for tools and tests."""
+  Path(root).mkdir(parents=True, exist_ok=True)
+  for name, pieces in splits.items():
+    write_split(root, name, pieces)
+  write_manifest(root, {"format_version": FORMAT_VERSION,
+                        "splits": {name: {"files": len(pieces), "events": sum(map(len, pieces))}
+                                   for name, pieces in splits.items()}})
+  return Path(root)
 
 
 def write_split(root: str | os.PathLike, split: str, pieces: Sequence[Events]) -> Path:

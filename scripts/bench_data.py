@@ -74,7 +74,7 @@ def main() -> None:
     if data_dir is None:
       data_dir = scratch
       start = time.perf_counter()
-      store.write_split(data_dir, input_pipeline.TRAIN_SPLIT, synthetic_pieces(config.seed))
+      store.write_corpus(data_dir, {input_pipeline.TRAIN_SPLIT: synthetic_pieces(config.seed)})
       print(f"store: synthetic, built in {time.perf_counter() - start:.1f}s at {data_dir}")
     else:
       print(f"store: {data_dir}")

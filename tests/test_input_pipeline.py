@@ -45,8 +45,8 @@ def piece(length, pitch=None, seed=0):
 @pytest.fixture
 def data_dir(tmp_path):
   """A train split of pieces with random pitches and a short validation split."""
-  store.write_split(tmp_path, "train", [piece(n, seed=n) for n in (40, 100, 60, 3)])
-  store.write_split(tmp_path, "validation", [piece(n, seed=n) for n in (20, 5, 30)])
+  store.write_corpus(tmp_path, {"train": [piece(n, seed=n) for n in (40, 100, 60, 3)],
+                                "validation": [piece(n, seed=n) for n in (20, 5, 30)]})
   return tmp_path
 
 
@@ -87,7 +87,7 @@ def constant_piece(length, pitch, tag):
 
 def test_transposition_stays_in_range_and_draws_every_allowed_shift(tmp_path):
   pitches = np.array([0, 2, 60, 125, 127])
-  store.write_split(tmp_path, "train", [constant_piece(50, p, i) for i, p in enumerate(pitches)])
+  store.write_corpus(tmp_path, {"train": [constant_piece(50, p, i) for i, p in enumerate(pitches)]})
   config = make_config(transpose=3, time_stretch=0.0, loudness_stretch=0.0)
   config.train.batch_size = 500
   batch = next(input_pipeline.train_iterator(config, tmp_path))
@@ -102,7 +102,7 @@ def test_transposition_stays_in_range_and_draws_every_allowed_shift(tmp_path):
 def test_windows_spanning_the_whole_range_are_not_transposed(tmp_path):
   edges = store.Events(np.tile(np.array([0, 127], np.uint8), 20), np.ones(40, np.float32),
                        np.full(40, 64, np.uint8))
-  store.write_split(tmp_path, "train", [edges])
+  store.write_corpus(tmp_path, {"train": [edges]})
   batch = next(input_pipeline.train_iterator(make_config(transpose=6), tmp_path))
   pitch = batch["inputs"]["pitch"]
   np.testing.assert_array_equal(pitch[:, 1:], 127 - pitch[:, :-1])
@@ -140,7 +140,7 @@ def test_unaugmented_windows_are_stored_events(data_dir):
 
 def test_pieces_drawn_in_proportion_to_length_and_short_never(tmp_path):
   lengths = (100, 200, 400, WINDOW)
-  store.write_split(tmp_path, "train", [piece(n, pitch=i) for i, n in enumerate(lengths)])
+  store.write_corpus(tmp_path, {"train": [piece(n, pitch=i) for i, n in enumerate(lengths)]})
   config = no_augmentation()
   config.train.batch_size = 1000
   pitch = np.concatenate([b["inputs"]["pitch"][:, 0] for b in
@@ -152,8 +152,7 @@ def test_pieces_drawn_in_proportion_to_length_and_short_never(tmp_path):
 
 
 def test_no_long_enough_piece_is_a_user_error(tmp_path):
-  store.write_split(tmp_path, "train", [piece(WINDOW), piece(3)])
-  store.write_split(tmp_path, "validation", [piece(WINDOW)])
+  store.write_corpus(tmp_path, {"train": [piece(WINDOW), piece(3)], "validation": [piece(WINDOW)]})
   with pytest.raises(UserError, match="window"):
     input_pipeline.train_iterator(make_config(), tmp_path)
   with pytest.raises(UserError, match="window"):

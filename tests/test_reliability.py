@@ -463,9 +463,6 @@ def test_crash_before_any_rename_of_the_store_leaves_no_manifest_and_reruns_exac
   assert figures["crash_points"] >= 3 and figures["bytes_lost"] == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "store.has_split, which train and input_pipeline trust, looks only for SPLIT/offsets.npy and never for "
-    "the manifest that marks a store complete"))
 def test_store_of_a_preparation_killed_while_writing_is_not_taken_for_complete(tmp_path, monkeypatch):
   piano_corpus(tmp_path / "corpus", files=12, notes=50)
   with monkeypatch.context() as patch:

@@ -28,8 +28,7 @@ def scale_corpus(seed: int, pieces: int = 6, length: int = 400) -> list[store.Ev
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   root = tmp_path_factory.mktemp("corpus")
-  store.write_split(root, "train", scale_corpus(0))
-  store.write_split(root, "validation", scale_corpus(1, pieces=2))
+  store.write_corpus(root, {"train": scale_corpus(0), "validation": scale_corpus(1, pieces=2)})
   return root
 
 
@@ -160,8 +159,7 @@ def noisy_pattern_corpus(seed: int, pieces: int = 8, length: int = 600) -> list[
 def test_bfloat16_compute_trains_within_two_percent_of_float32(tmp_path):
   from musicgen_jax import input_pipeline
 
-  store.write_split(tmp_path, "train", noisy_pattern_corpus(0))
-  store.write_split(tmp_path, "validation", noisy_pattern_corpus(10, pieces=2))
+  store.write_corpus(tmp_path, {"train": noisy_pattern_corpus(0), "validation": noisy_pattern_corpus(10, pieces=2)})
   final = {}
   for dtype in ("float32", "bfloat16"):
     config = tiny(tmp_path, f"model.dtype={dtype}", "data.eval_windows=64")
