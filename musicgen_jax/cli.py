@@ -43,7 +43,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
   from musicgen_jax import prepare
 
   manifest = prepare.prepare_corpus(args.sources, args.out, workers=args.workers, filter_text=args.filter,
-                                    val_fraction=args.val_fraction, sustain=not args.no_sustain)
+                                    val_fraction=args.val_fraction, sustain=not args.no_sustain,
+                                    file_timeout=args.file_timeout)
   counts = ", ".join(f"{name}: {split['files']} files, {split['events']} events"
                      for name, split in manifest["splits"].items())
   print(f"prepared {args.out} ({counts})")
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
   prep.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F",
                     help="share of a plain folder held out for validation (default 0.1; MAESTRO uses its own split)")
   prep.add_argument("--no-sustain", action="store_true", help="ignore the sustain pedal")
+  prep.add_argument("--file-timeout", type=float, default=60.0, metavar="SECONDS",
+                    help="skip a file that takes longer than this to read (default 60)")
 
   tr = command("train", cmd_train, "Train a run, or resume it from its latest checkpoint. Ctrl+C saves and exits.")
   tr.add_argument("--workdir", required=True, metavar="RUN", help="run folder (config, checkpoints, logs)")

@@ -228,13 +228,13 @@ class MetricsLog:
   Only the first process of a multi-host job writes; the others' calls do nothing.
   """
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir: Path, resume_step: int):
     from tensorboardX import SummaryWriter
 
     self.primary = jax.process_index() == 0
     if self.primary:
       self.path = workdir / METRICS_FILE
-      repair_torn_tail(self.path)
+      rewind(self.path, resume_step)
       self.file = self.path.open("a")
       self.writer = SummaryWriter(str(workdir / "tensorboard"))
 
@@ -252,13 +252,23 @@ class MetricsLog:
       self.writer.close()
 
 
-def repair_torn_tail(path: Path) -> None:
-  """Drops a last line cut short by a kill, so metrics.jsonl stays one JSON object per line."""
+def rewind(path: Path, step: int) -> None:
+  """Keeps the metrics lines up to `step`, the checkpoint a run resumes from: the steps after it will be
+  logged again, and a last line cut short by a kill goes too. The file is replaced atomically.
+  """
   if not path.exists():
     return
-  data = path.read_bytes()
-  if data and not data.endswith(b"\n"):
-    path.write_bytes(data[: data.rfind(b"\n") + 1])
+  kept = []
+  for line in path.read_text().splitlines(keepends=True):
+    try:
+      logged_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      continue
+    if line.endswith("\n") and logged_step <= step:
+      kept.append(line)
+  tmp = path.with_suffix(".jsonl.tmp")
+  tmp.write_text("".join(kept))
+  os.replace(tmp, path)
 
 
 def check_finite(step_metrics: Mapping[str, Any]) -> None:
@@ -332,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     eval_batches = input_pipeline.eval_batches(config, data_dir) if store.has_split(data_dir, "validation") else []
     state, step = restore_latest(manager, trainer, train_iter)
     schedules = optimizers.schedules(config)
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, step)
     resources.callback(log.close)
     batch_events = config.train.batch_size * config.data.window
     stop_request = resources.enter_context(StopRequest())

@@ -97,11 +97,11 @@ def test_missing_data_is_a_user_error(tmp_path):
     train.train_and_evaluate(apply_overrides(load_config("tiny"), [f"data.dir={tmp_path}"]), tmp_path / "run")
 
 
-def test_torn_metrics_line_is_repaired(tmp_path):
+def test_metrics_rewind_to_the_checkpoint_and_drop_a_torn_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
-  path.write_text('{"step": 1}\n{"step": 2, "train/lo')
-  train.repair_torn_tail(path)
-  assert path.read_text() == '{"step": 1}\n'
+  path.write_text('{"step": 1}\n{"step": 5, "a": 1}\n{"step": 7}\n{"step": 8, "train/lo')
+  train.rewind(path, 5)
+  assert path.read_text() == '{"step": 1}\n{"step": 5, "a": 1}\n'
 
 
 DATA_PARALLEL_SCRIPT = """
