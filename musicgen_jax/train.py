@@ -349,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     bar = resources.enter_context(tqdm(total=config.train.steps, initial=step, disable=not progress, unit="step",
                                        dynamic_ncols=True))
     metrics, tick = trainer.zero_metrics(), time.perf_counter()
-    while step < config.train.steps and not stop_request.requested:
+    while step < config.train.steps:
       state, metrics = trainer.train_step(state, metrics, trainer.shard_batch(next(train_iter)))
       step += 1
       bar.update(1)
