@@ -12,6 +12,11 @@ Every sequence starts from a batch-1 `(state, event)` broadcast to the batch:
   * with a primer of P events, the state after the first P - 1 (one model call over them, no loop)
     and the primer's last event, so the first generated event continues the primer.
 
+The heads are sampled independently, so nothing makes a sampled release name a sounding pitch: left
+alone, releases miss and notes hang. The loop therefore carries which pitches sound, decides
+onset or release from the velocity head first, and then draws the pitch among the sounding pitches
+for a release and among the silent ones for an onset.
+
 Sequence i of a call draws from `fold_in(key(seed), i)` and step t of it from `fold_in(that, t)`, so
 the same arguments write the same bytes. Another batch size draws the same random numbers, but the
 matmuls of another shape may round differently, which can change a file.
@@ -77,10 +82,21 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
   return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, logits)
 
 
+def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
+  """One index per row of `logits` [B, V] by inverting its cumulative distribution at a uniform draw.
+
+  One random number per row where `jax.random.categorical` draws V (Gumbel noise): the draws cost a
+  few percent of a step otherwise. Indices of probability 0 (logit -inf) are never drawn.
+  """
+  cumulative = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+  point = jax.vmap(jax.random.uniform)(keys)[:, None] * cumulative[:, -1:]
+  return jnp.minimum(jnp.sum(cumulative <= point, axis=-1), logits.shape[-1] - 1)
+
+
 def sample_pitch(keys: jax.Array, logits: jax.Array, settings: Settings) -> jax.Array:
   """One pitch per row of `logits` [B, 128], each row drawn with its own key of `keys` [B]."""
   logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
-  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+  return categorical(keys, logits).astype(jnp.int32)
 
 
 def decode_velocity(predicted: jax.Array, release_threshold: jax.Array) -> jax.Array:
@@ -89,13 +105,42 @@ def decode_velocity(predicted: jax.Array, release_threshold: jax.Array) -> jax.A
   return jnp.where(velocity < release_threshold, 0.0, jnp.clip(jnp.round(velocity), 0.0, models.MAX_VELOCITY))
 
 
-def next_event(outputs: Mapping[str, jax.Array], keys: jax.Array, settings: Settings) -> Event:
-  """The event drawn from one position's outputs (`pitch_logits` [B, 128], `dt` [B], `velocity` [B])."""
+def next_event(outputs: Mapping[str, jax.Array], keys: jax.Array, settings: Settings,
+               sounding: jax.Array | None = None) -> Event:
+  """The event drawn from one position's outputs (`pitch_logits` [B, 128], `dt` [B], `velocity` [B]).
+
+  `sounding` [B, 128] (default: nothing sounds) restricts a release to the sounding pitches and an
+  onset to the silent ones; a release with nothing sounding becomes an onset at the threshold velocity.
+  """
+  velocity = decode_velocity(outputs["velocity"], settings.release_threshold)
+  if sounding is None:
+    sounding = jnp.zeros(outputs["pitch_logits"].shape, bool)
+  release = (velocity == 0) & jnp.any(sounding, axis=-1)
+  allowed = jnp.where(release[:, None], sounding, ~sounding)
+  allowed |= ~jnp.any(allowed, axis=-1, keepdims=True)
+  onset_velocity = jnp.maximum(velocity, jnp.clip(jnp.ceil(settings.release_threshold), 1.0, models.MAX_VELOCITY))
   return {
-      "pitch": sample_pitch(keys, outputs["pitch_logits"], settings),
+      "pitch": sample_pitch(keys, jnp.where(allowed, outputs["pitch_logits"], -jnp.inf), settings),
       "dt": jnp.clip(outputs["dt"], 0.0, settings.max_dt),
-      "velocity": decode_velocity(outputs["velocity"], settings.release_threshold),
+      "velocity": jnp.where(release, 0.0, onset_velocity),
   }
+
+
+def update_sounding(sounding: jax.Array, event: Event) -> jax.Array:
+  """Which pitches sound [B, 128] after `event` ([B]): an onset starts its pitch, a release ends it."""
+  return sounding.at[jnp.arange(sounding.shape[0]), event["pitch"]].set(event["velocity"] > 0)
+
+
+def sounding_after(events: Event) -> jax.Array:
+  """Which pitches sound [B, 128] at the end of event streams [B, T] that start in silence."""
+  batch = events["pitch"].shape[0]
+
+  def step(sounding: jax.Array, event: Event) -> tuple[jax.Array, None]:
+    return update_sounding(sounding, event), None
+
+  sounding, _ = jax.lax.scan(step, jnp.zeros((batch, models.NUM_PITCHES), bool),
+                             jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), events))
+  return sounding
 
 
 def step_keys(keys: jax.Array, step: jax.Array | int) -> jax.Array:
@@ -128,18 +173,23 @@ def prime(model: models.MusicLSTM, primer: Event) -> tuple[State, Event]:
 
 
 def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array, settings: Settings,
-           length: int) -> Event:
-  """`length` events [B, length] for each key of `keys` [B], continuing `event` from `state` (batch 1 or B)."""
+           length: int, sounding: jax.Array | None = None) -> Event:
+  """`length` events [B, length] for each key of `keys` [B], continuing `event` from `state` (batch 1 or B)
+  with the pitches in `sounding` [1 or B, 128] sounding (default: none).
+  """
   batch = keys.shape[0]
-  state, event = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), (state, event))
+  if sounding is None:
+    sounding = jnp.zeros((1, models.NUM_PITCHES), bool)
+  state, event, sounding = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])),
+                                        (state, event, sounding))
 
-  def step(carry: tuple[State, Event], t: jax.Array) -> tuple[tuple[State, Event], Event]:
-    state, event = carry
+  def step(carry: tuple[State, Event, jax.Array], t: jax.Array) -> tuple[tuple[State, Event, jax.Array], Event]:
+    state, event, sounding = carry
     outputs, state = model(jax.tree.map(lambda x: x[:, None], event), state)
-    event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings)
-    return (state, event), event
+    event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings, sounding)
+    return (state, event, update_sounding(sounding, event)), event
 
-  _, events = jax.lax.scan(step, (state, event), jnp.arange(length))
+  _, events = jax.lax.scan(step, (state, event, sounding), jnp.arange(length))
   return jax.tree.map(lambda x: x.T, events)
 
 
@@ -152,9 +202,9 @@ def prime_compiled(graphdef: nnx.GraphDef, params: nnx.State, primer: Event | No
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "length"))
 def sample_compiled(graphdef: nnx.GraphDef, params: nnx.State, state: State, event: Event, keys: jax.Array,
-                    settings: Settings, length: int) -> Event:
+                    settings: Settings, length: int, sounding: jax.Array | None = None) -> Event:
   """`sample` of the model `graphdef` with `params`: compiled once per (batch, length, model)."""
-  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length)
+  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, sounding)
 
 
 def to_events(batch: Mapping[str, np.ndarray], row: int) -> store.Events:
@@ -261,10 +311,12 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   primer_stream = None if primer is None else read_primer(primer, primer_events, run.config.data.sustain)
   paths = output_paths(make_out_dir(out_dir), prefix, num)
   settings = make_settings(run.config.sample, temperature=temperature, top_k=top_k, top_p=top_p)
-  state, event = prime_compiled(run.graphdef, run.params, None if primer_stream is None else as_inputs(primer_stream))
+  primer_inputs = None if primer_stream is None else as_inputs(primer_stream)
+  state, event = prime_compiled(run.graphdef, run.params, primer_inputs)
+  sounding = None if primer_inputs is None else jax.jit(sounding_after)(primer_inputs)
   batch = min(batch_size, num)
   batches = one_ahead((first, sample_compiled(run.graphdef, run.params, state, event,
-                                              sequence_keys(seed, first, batch), settings, length))
+                                              sequence_keys(seed, first, batch), settings, length, sounding))
                       for first in range(0, num, batch))
   with tqdm(total=num, unit="file", desc="generating", disable=not progress, dynamic_ncols=True) as bar:
     for first, sampled in batches:

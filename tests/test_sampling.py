@@ -97,6 +97,13 @@ def test_no_filter_draws_every_pitch_in_proportion():
   np.testing.assert_allclose(counts, np.exp(PROBS), atol=0.015)
 
 
+def test_categorical_never_draws_impossible_pitches_first_middle_or_last():
+  logits = jnp.log(jnp.asarray([0.0, 0.5, 0.0, 0.2, 0.3, 0.0]))
+  counts = np.bincount(draws(logits, count=20000), minlength=6) / 20000
+  assert counts[0] == counts[2] == counts[5] == 0
+  np.testing.assert_allclose(counts, np.exp(logits), atol=0.015)
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_temperature_scales_the_logits(temperature):
   counts = np.bincount(draws(PROBS, count=20000, temperature=temperature), minlength=len(PROBS)) / 20000
@@ -134,20 +141,23 @@ def test_same_seed_same_events_other_seed_other_events(model_parts):
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
-def reference_step(graphdef, params, state, event, keys, config_settings):
+def reference_step(graphdef, params, state, event, keys, config_settings, sounding=None):
   """One event through the model from `state`, and the event drawn from its outputs."""
   outputs, state = nnx.merge(graphdef, params)(jax.tree.map(lambda x: x[:, None], event), state)
-  return state, sampling.next_event(jax.tree.map(lambda x: x[:, 0], outputs), keys, config_settings)
+  return state, sampling.next_event(jax.tree.map(lambda x: x[:, 0], outputs), keys, config_settings, sounding)
 
 
 def reference_loop(model_parts, state, event, keys, config_settings, length):
-  """The scan written as a Python loop over single-event model calls."""
+  """The scan written as a Python loop over single-event model calls, tracking the sounding pitches."""
   graphdef, train_state = model_parts
   state, event = jax.tree.map(lambda x: jnp.broadcast_to(x, (keys.shape[0], *x.shape[1:])), (state, event))
+  sounding = np.zeros((keys.shape[0], 128), bool)
   result = []
   for t in range(length):
     state, event = reference_step(graphdef, train_state.params, state, event, sampling.step_keys(keys, t),
-                                  config_settings)
+                                  config_settings, jnp.asarray(sounding))
+    for row, (pitch, velocity) in enumerate(zip(np.asarray(event["pitch"]), np.asarray(event["velocity"]))):
+      sounding[row, pitch] = velocity > 0
     result.append(event)
   return {k: np.stack([e[k] for e in result], 1) for k in event}
 
@@ -307,3 +317,25 @@ def test_output_folder_that_is_a_file_raises_user_error(run_dir, tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(UserError, match="cannot create output folder"):
     generate(run_dir, tmp_path / "file")
+
+
+def test_releases_name_sounding_pitches_and_onsets_silent_ones():
+  sounding = jnp.zeros((4, 128), bool).at[0, 60].set(True).at[1, 64].set(True).at[3, :].set(True)
+  outputs = {"pitch_logits": jnp.zeros((4, 128)).at[:, 70].set(50.0), "dt": jnp.zeros(4),
+             "velocity": jnp.asarray([0.0, 0.8, 0.0, 0.0])}
+  event = sampling.next_event(outputs, sampling.sequence_keys(0, 0, 4), settings(release_threshold=30.0), sounding)
+  assert int(event["pitch"][0]) == 60 and float(event["velocity"][0]) == 0.0  # release of the one sounding pitch
+  assert int(event["pitch"][1]) == 70 and float(event["velocity"][1]) == round(0.8 * 127)  # onset, not 64
+  assert int(event["pitch"][2]) == 70 and float(event["velocity"][2]) == 30.0  # nothing sounds: an onset
+  assert float(event["velocity"][3]) == 0.0  # everything sounds: a release of any pitch
+  after = sampling.update_sounding(sounding, event)
+  assert not after[0, 60] and after[1, 70] and after[2, 70] and not after[3, int(event["pitch"][3])]
+
+
+def test_generated_files_have_no_release_without_a_sounding_note(model_parts):
+  sampled = sample_from_start(model_parts, 0, count=4, length=200, release_threshold=60.0)
+  for row in range(4):
+    sounding = np.zeros(128, bool)
+    for pitch, velocity in zip(sampled["pitch"][row], sampled["velocity"][row]):
+      assert sounding[pitch] != (velocity > 0)
+      sounding[pitch] = velocity > 0
