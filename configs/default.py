@@ -59,7 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.distributed = False  # Call jax.distributed.initialize() first (multi-host GPU/TPU).
 
   config.sample = ml_collections.ConfigDict()
-  config.sample.release_threshold = 0.5  # Predicted velocity (MIDI units) below this is a release.
+  # Predicted velocity (MIDI units) below this is a release. None: set when training starts to half
+  # the training split's mean onset velocity, where a release becomes the likelier event.
+  config.sample.release_threshold = ml_collections.FieldReference(None, field_type=float)
   config.sample.max_dt = 4.0  # Seconds; longer predicted gaps are clipped.
 
   config.lock()

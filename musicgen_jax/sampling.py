@@ -59,6 +59,9 @@ class Settings(NamedTuple):
 def make_settings(sample_config: ml_collections.ConfigDict, *, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> Settings:
   """Settings from the pitch options and a config's `sample` group (max_dt, release_threshold)."""
+  if sample_config.release_threshold is None:
+    raise UserError("the run's config.json has no sample.release_threshold (training sets it): "
+                    "add one, e.g. 32, to its \"sample\" section")
   return Settings(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
                   jnp.float32(sample_config.max_dt), jnp.float32(sample_config.release_threshold))
 

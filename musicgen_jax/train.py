@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from musicgen_jax import checkpointing, input_pipeline, models, optimizers, store
-from musicgen_jax.config import read_config, save_config
+from musicgen_jax.config import apply_overrides, read_config, save_config
 from musicgen_jax.errors import UserError
 from musicgen_jax.runlock import run_lock
 
@@ -313,6 +313,18 @@ def restore_latest(manager: Any, trainer: Trainer, train_iter: Any) -> tuple[Tra
   return state, start
 
 
+def with_release_threshold(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with `sample.release_threshold` set, if unset, to half the mean onset velocity of the
+  training split: the velocity head predicts P(onset) x that mean, so below half of it a release is
+  the likelier event.
+  """
+  if config.sample.release_threshold is not None:
+    return config
+  velocity = np.asarray(store.open_split(config.data.dir, "train").events.velocity)
+  threshold = 0.5 * float(velocity[velocity > 0].mean())
+  return apply_overrides(config, [f"sample.release_threshold={threshold:.3f}"])
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        progress: bool = True, stop: Callable[[int], bool] | None = None) -> TrainState:
   """Trains to `config.train.steps`, resuming from the run's latest checkpoint, saving on stop signals.
@@ -328,6 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if not store.has_split(data_dir, "train"):
     raise UserError(f"no prepared training data at {data_dir or '(data.dir unset)'}: "
                     "run `musicgen prepare SOURCE --out DIR` and pass --data DIR")
+  config = with_release_threshold(config)
   workdir.mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as resources:
     resources.enter_context(run_lock(workdir))

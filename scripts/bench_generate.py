@@ -114,17 +114,23 @@ def torch_loop(model_config: ml_collections.ConfigDict, sample_config: ml_collec
     with torch.inference_mode():
       pitch = torch.full((batch,), sampling.START_EVENT["pitch"], dtype=torch.long)
       dt, velocity, carried = torch.zeros(batch), torch.zeros(batch), None
+      sounding, rows = torch.zeros((batch, models.NUM_PITCHES), dtype=torch.bool), torch.arange(batch)
       out = torch.empty((3, batch, length))
       for t in range(length):
         x = torch.cat([net["embed"](pitch), torch.log1p(dt / models.DT_INPUT_SCALE)[:, None],
                        (velocity / models.MAX_VELOCITY)[:, None]], -1)
         features, carried = net["lstm"](x[:, None], carried)
         features = features[:, 0]
-        pitch = torch.multinomial(torch.softmax(net["pitch"](features), -1), 1)[:, 0]
-        dt = net["time"](features)[:, 0].clamp(0.0, sample_config.max_dt)
         predicted = net["velocity"](features)[:, 0] * models.MAX_VELOCITY
-        velocity = torch.where(predicted < sample_config.release_threshold, 0.0,
-                               predicted.round().clamp(0.0, models.MAX_VELOCITY))
+        release = (predicted < sample_config.release_threshold) & sounding.any(-1)
+        allowed = torch.where(release[:, None], sounding, ~sounding)
+        allowed |= ~allowed.any(-1, keepdim=True)
+        logits = net["pitch"](features).masked_fill(~allowed, float("-inf"))
+        pitch = torch.multinomial(torch.softmax(logits, -1), 1)[:, 0]
+        dt = net["time"](features)[:, 0].clamp(0.0, sample_config.max_dt)
+        velocity = torch.where(release, 0.0, predicted.round().clamp(sample_config.release_threshold,
+                                                                     models.MAX_VELOCITY))
+        sounding[rows, pitch] = ~release
         out[0, :, t], out[1, :, t], out[2, :, t] = pitch, dt, velocity
       return out
 
@@ -148,7 +154,7 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is kept")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
-  config = apply_overrides(load_config(args.config), args.overrides)
+  config = apply_overrides(load_config(args.config), ["sample.release_threshold=32.0", *args.overrides])
   graphdef, state = train.create_train_state(config)
   settings = sampling.make_settings(config.sample)
   has_torch = torch_available()

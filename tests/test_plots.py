@@ -120,7 +120,7 @@ def test_log_samples_writes_midi_and_logs_piano_rolls(tmp_path):
   from musicgen_jax import train
   from musicgen_jax.config import apply_overrides, load_config
 
-  config = apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8"])
+  config = apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8", "sample.release_threshold=32.0"])
   graphdef, state = train.create_train_state(config)
   writer = RecordingWriter()
   paths = plots.log_samples(tmp_path, graphdef, state.params, config, 7, writer, num=2, length=40)

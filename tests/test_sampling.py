@@ -19,7 +19,7 @@ LENGTH = 48
 
 
 def tiny_config():
-  return apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8"])
+  return apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8", "sample.release_threshold=0.5"])
 
 
 def settings(temperature=1.0, top_k=0, top_p=1.0, max_dt=4.0, release_threshold=0.5):

@@ -46,6 +46,7 @@ def test_loss_decreases_and_metrics_are_logged(corpus, tmp_path):
   train.train_and_evaluate(tiny(corpus, "train.steps=120", "train.sample_every=60", "train.sample_count=2",
                                 "train.sample_length=64"), tmp_path, progress=False)
   assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_120", "step_60"]
+  assert read_config(tmp_path).sample.release_threshold == pytest.approx(40.0)  # half of the onsets' 80
   assert len(list((tmp_path / "samples" / "step_120").glob("*.mid"))) == 2
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [m["train/loss_pitch"] for m in lines if "train/loss_pitch" in m]
