@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from musicgen_jax import models, store
 from musicgen_jax.errors import UserError
@@ -210,6 +211,13 @@ def sample_compiled(graphdef: nnx.GraphDef, params: nnx.State, state: State, eve
   return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, sounding)
 
 
+def device_placement(batch: int) -> tuple[NamedSharding, NamedSharding]:
+  """(replicated, batch-sharded) placements over every device when they divide `batch`, else one device."""
+  devices = jax.devices()
+  mesh = Mesh(np.asarray(devices if batch % len(devices) == 0 else devices[:1]), ("data",))
+  return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+
+
 def to_events(batch: Mapping[str, np.ndarray], row: int) -> store.Events:
   """Row `row` of a sampled batch [B, length] as a stored event stream."""
   return store.Events(*(np.asarray(batch[f][row]).astype(store.DTYPES[f]) for f in store.FIELDS))
@@ -315,11 +323,14 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   paths = output_paths(make_out_dir(out_dir), prefix, num)
   settings = make_settings(run.config.sample, temperature=temperature, top_k=top_k, top_p=top_p)
   primer_inputs = None if primer_stream is None else as_inputs(primer_stream)
-  state, event = prime_compiled(run.graphdef, run.params, primer_inputs)
-  sounding = None if primer_inputs is None else jax.jit(sounding_after)(primer_inputs)
   batch = min(batch_size, num)
-  batches = one_ahead((first, sample_compiled(run.graphdef, run.params, state, event,
-                                              sequence_keys(seed, first, batch), settings, length, sounding))
+  replicated, sharded = device_placement(batch)
+  params = jax.device_put(run.params, replicated)
+  state, event = jax.device_put(prime_compiled(run.graphdef, params, primer_inputs), replicated)
+  sounding = None if primer_inputs is None else jax.device_put(jax.jit(sounding_after)(primer_inputs), replicated)
+  batches = one_ahead((first, sample_compiled(run.graphdef, params, state, event,
+                                              jax.device_put(sequence_keys(seed, first, batch), sharded), settings,
+                                              length, sounding))
                       for first in range(0, num, batch))
   with tqdm(total=num, unit="file", desc="generating", disable=not progress, dynamic_ncols=True) as bar:
     for first, sampled in batches:

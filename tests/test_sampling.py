@@ -339,3 +339,31 @@ def test_generated_files_have_no_release_without_a_sounding_note(model_parts):
     for pitch, velocity in zip(sampled["pitch"][row], sampled["velocity"][row]):
       assert sounding[pitch] != (velocity > 0)
       sounding[pitch] = velocity > 0
+
+
+SHARDED_GENERATION = """
+import sys
+import jax
+from musicgen_jax import sampling
+
+assert jax.device_count() == 4
+replicated, sharded = sampling.device_placement(8)
+assert len(sharded.device_set) == 4 and len(sampling.device_placement(6)[1].device_set) == 1
+paths = sampling.generate(sys.argv[1], sys.argv[2], num=8, batch_size=8, length=40, seed=5, progress=False)
+print(len(paths))
+"""
+
+
+def test_generation_shards_its_batch_over_all_devices(run_dir, tmp_path):
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", SHARDED_GENERATION, str(run_dir), str(tmp_path / "sharded")],
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  single = generate(run_dir, tmp_path / "single", num=8, batch_size=8, length=40, seed=5)
+  sharded = sorted((tmp_path / "sharded").glob("*.mid"))
+  assert [p.name for p in sharded] == [p.name for p in single]
+  assert [p.read_bytes() for p in sharded] == [p.read_bytes() for p in single]
