@@ -45,14 +45,10 @@ class TrainState:
   rng: jax.Array
 
 
-def create_model(config: ml_collections.ConfigDict, seed: int | None = None) -> models.MusicLSTM:
-  """The model of `config.model`, initialised from `seed` (default: the config's seed)."""
-  return models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed if seed is None else seed))
-
-
 def create_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, TrainState]:
   """The model's graph definition (static) and a fresh train state, all from `config.seed`."""
-  graphdef, params = nnx.split(create_model(config), nnx.Param)
+  model = models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed))
+  graphdef, params = nnx.split(model, nnx.Param)
   opt_state = optimizers.make_optimizer(config).init(params)
   rng = jax.random.PRNGKey(config.seed + 1)
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
@@ -278,7 +274,7 @@ def check_finite(step_metrics: Mapping[str, Any]) -> None:
   if bad:
     name, step = min(bad.items(), key=lambda item: item[1])
     raise NonFiniteLoss(f"the {name} loss became NaN or Inf at step {step}; the last good checkpoint is kept. "
-                        "Lower the learning rate or enable clipping (train.optimizers.<name>.clip_norm).")
+                        f"Lower train.optimizers.{name}.learning_rate or set train.optimizers.{name}.clip_norm.")
 
 
 def train_metrics(totals: Mapping[str, Any], schedules: Mapping[str, optax.Schedule], step: int,
