@@ -13,7 +13,7 @@ import os
 import stat
 import struct
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -275,25 +275,41 @@ def _closing_releases(pitch: np.ndarray, is_onset: np.ndarray) -> np.ndarray:
   return closing
 
 
-def events_to_note_sequence(events: Events) -> music_pb2.NoteSequence:
-  """The piano notes of an event stream, in stream order (no need to be canonical).
+class Notes(NamedTuple):
+  """The notes of an event stream in onset order: pitch, velocity, start and end in seconds."""
+
+  pitch: np.ndarray
+  velocity: np.ndarray
+  start: np.ndarray
+  end: np.ndarray
+
+
+def note_arrays(events: Events) -> Notes:
+  """The piano notes of an event stream, in stream order (no need to be canonical), as arrays.
 
   Each release ends the earliest open onset of its pitch; onsets still open at the end last until the
   last event, and notes that would last no time at all get MIN_NOTE_SECONDS.
   """
-  from note_seq.protobuf import music_pb2
+  pitch = np.asarray(events.pitch, np.int64)
+  velocity = np.asarray(events.velocity, np.int64)
   time = np.cumsum(events.dt, dtype=np.float64)
-  onset = np.asarray(events.velocity) > 0
-  closing = _closing_releases(np.asarray(events.pitch), onset)[onset]
+  onset = velocity > 0
+  closing = _closing_releases(pitch, onset)[onset]
   start = time[onset]
   end = np.where(closing >= 0, time[closing], time[-1] if len(time) else 0.0)
   end = np.where(end > start, end, start + MIN_NOTE_SECONDS)
-  sequence = music_pb2.NoteSequence(ticks_per_quarter=WRITE_TICKS_PER_QUARTER, total_time=end.max(initial=0.0))
+  return Notes(pitch[onset], np.clip(velocity[onset], 1, 127), start, end)
+
+
+def events_to_note_sequence(events: Events) -> music_pb2.NoteSequence:
+  """The piano notes of an event stream (see `note_arrays`) as a NoteSequence at WRITE_QPM."""
+  from note_seq.protobuf import music_pb2
+  notes = note_arrays(events)
+  sequence = music_pb2.NoteSequence(ticks_per_quarter=WRITE_TICKS_PER_QUARTER,
+                                    total_time=notes.end.max(initial=0.0))
   sequence.tempos.add(time=0.0, qpm=WRITE_QPM)
-  velocity = np.clip(events.velocity[onset], 1, 127)
-  for pitch, vel, note_start, note_end in zip(events.pitch[onset].tolist(), velocity.tolist(), start.tolist(),
-                                              end.tolist()):
-    sequence.notes.add(pitch=pitch, velocity=vel, start_time=note_start, end_time=note_end)
+  for pitch, velocity, start, end in zip(*(field.tolist() for field in notes)):
+    sequence.notes.add(pitch=pitch, velocity=velocity, start_time=start, end_time=end)
   return sequence
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from musicgen_jax import stats
+from musicgen_jax import events
 from musicgen_jax.errors import UserError
 from musicgen_jax.store import Events
 
@@ -60,8 +60,6 @@ def read_events(source: Events | str | os.PathLike) -> Events:
   """`source` itself, or the events of a MIDI file (sustain applied); a UserError if it can't be read."""
   if isinstance(source, Events):
     return source
-  from musicgen_jax import events
-
   try:
     return events.midi_to_events(source)
   except events.MidiReadError as error:
@@ -73,7 +71,7 @@ def piano_roll(source: Events | str | os.PathLike, title: str = "") -> Figure:
   from matplotlib.collections import PolyCollection
   from matplotlib.colors import Normalize
 
-  piece = stats.notes(read_events(source))
+  piece = events.note_arrays(read_events(source))
   low, high = piece.pitch - NOTE_HEIGHT / 2, piece.pitch + NOTE_HEIGHT / 2
   corners = np.stack([np.stack([piece.start, low], -1), np.stack([piece.end, low], -1),
                       np.stack([piece.end, high], -1), np.stack([piece.start, high], -1)], axis=1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -42,28 +42,6 @@ ROUNDING = 1e-12  # Relative error of squared distances computed from norms and 
 DECIMALS = 4
 
 
-class Notes(NamedTuple):
-  """The notes of an event stream in onset order: pitch, velocity, start and end in seconds."""
-
-  pitch: np.ndarray
-  velocity: np.ndarray
-  start: np.ndarray
-  end: np.ndarray
-
-
-def notes(stream: Events) -> Notes:
-  """The notes `events.events_to_note_sequence` writes for a stream, as arrays (no protobuf per note)."""
-  pitch = np.asarray(stream.pitch, np.int64)
-  velocity = np.asarray(stream.velocity, np.int64)
-  time = np.cumsum(stream.dt, dtype=np.float64)
-  onset = velocity > 0
-  closing = events._closing_releases(pitch, onset)[onset]
-  start = time[onset]
-  end = np.where(closing >= 0, time[closing], time[-1] if len(time) else 0.0)
-  end = np.where(end > start, end, start + events.MIN_NOTE_SECONDS)
-  return Notes(pitch[onset], velocity[onset], start, end)
-
-
 def ratio(numerator: float, denominator: float) -> float:
   """numerator / denominator, 0 for an empty denominator (an empty piece has no rates)."""
   return float(numerator) / float(denominator) if denominator else 0.0
@@ -75,7 +53,7 @@ def histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
   return counts / max(counts.sum(), 1.0)
 
 
-def mean_polyphony(piece: Notes) -> float:
+def mean_polyphony(piece: events.Notes) -> float:
   """Notes sounding at once, averaged over the time at least one sounds (a note ending as another starts doesn't overlap it)."""
   time = np.concatenate([piece.start, piece.end])
   change = np.concatenate([np.ones(len(piece.start)), -np.ones(len(piece.end))])
@@ -87,7 +65,7 @@ def mean_polyphony(piece: Notes) -> float:
 
 def piece_features(stream: Events, max_dt: float = DEFAULT_MAX_DT) -> dict[str, np.ndarray]:
   """Every feature of FEATURES for one piece, each a float64 vector (length 1 for numbers)."""
-  piece = notes(stream)
+  piece = events.note_arrays(stream)
   pitch_class = piece.pitch % 12
   transitions = np.bincount(pitch_class[:-1] * 12 + pitch_class[1:], minlength=144).astype(np.float64)
   velocity = piece.velocity.astype(np.float64)

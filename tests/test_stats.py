@@ -153,7 +153,7 @@ def synthetic_corpus() -> list[Events]:
 
 def shuffled_pitches(piece: Events, rng: np.random.Generator) -> Events:
   """The same notes with their pitches permuted: the same pitch classes in another order."""
-  notes = stats.notes(piece)
+  notes = events.note_arrays(piece)
   return from_notes(rng.permutation(notes.pitch), notes.start, notes.end, notes.velocity)
 
 
