@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
   gen.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
   gen.add_argument("--primer", metavar="FILE.mid", help="MIDI file whose events warm up the model")
-  gen.add_argument("--primer-events", type=positive_int, metavar="P", help="use only the primer's first P events")
+  gen.add_argument("--primer-events", type=positive_int, metavar="P",
+                   help="use the primer's first P events (default: up to 2048)")
   gen.add_argument("--keep-primer", action="store_true", help="include the primer in the written files")
   gen.add_argument("--prefix", default="sample", help="file name prefix (default: sample)")
   gen.add_argument("--quiet", action="store_true", help="no progress bar")

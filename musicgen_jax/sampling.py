@@ -41,6 +41,7 @@ from musicgen_jax.errors import UserError
 
 START_EVENT = {"pitch": 60, "dt": 0.0, "velocity": 0.0}  # A release of middle C at dt 0.
 MAX_SEED = 2**63
+DEFAULT_PRIMER_EVENTS = 2048  # A primer's events used when the caller names no count: enough to set the state.
 
 Event = dict[str, jax.Array]  # pitch int32, dt float32 seconds, velocity float32 MIDI units; [batch] or [batch, time].
 State = tuple[models.LSTMState, ...]
@@ -254,7 +255,9 @@ def check_options(*, num: int, length: int, batch_size: int, temperature: float,
 
 
 def read_primer(path: str | os.PathLike, count: int | None, sustain: bool) -> store.Events:
-  """The first `count` events of a primer MIDI file; a UserError if it can't be read or has no notes."""
+  """The first `count` events (default DEFAULT_PRIMER_EVENTS) of a primer MIDI file; a UserError if it
+  can't be read or has no notes.
+  """
   from musicgen_jax import events
 
   try:
@@ -263,7 +266,7 @@ def read_primer(path: str | os.PathLike, count: int | None, sustain: bool) -> st
     raise UserError(f"cannot read primer {path}: {error}") from None
   if not len(primer):
     raise UserError(f"primer {path} has no notes")
-  return take(primer, count)
+  return take(primer, DEFAULT_PRIMER_EVENTS if count is None else count)
 
 
 def output_paths(out_dir: Path, prefix: str, num: int) -> list[Path]:

@@ -367,3 +367,9 @@ def test_generation_shards_its_batch_over_all_devices(run_dir, tmp_path):
   sharded = sorted((tmp_path / "sharded").glob("*.mid"))
   assert [p.name for p in sharded] == [p.name for p in single]
   assert [p.read_bytes() for p in sharded] == [p.read_bytes() for p in single]
+
+
+def test_primer_length_defaults_to_a_cap(primer_file, monkeypatch):
+  monkeypatch.setattr(sampling, "DEFAULT_PRIMER_EVENTS", 5)
+  assert len(sampling.read_primer(primer_file, None, True)) == 5
+  assert len(sampling.read_primer(primer_file, 7, True)) == 7
