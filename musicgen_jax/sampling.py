@@ -311,8 +311,9 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   """Writes `num` MIDI files of `length` generated events each from a run's checkpoint; returns their paths.
 
   Files are sampled `batch_size` at a time (the last batch padded, so one compile serves all) and
-  written as each batch is done. With `primer`, its first `primer_events` events (default DEFAULT_PRIMER_EVENTS) warm
-  the model up and, with `keep_primer`, open every file. Every user mistake is a UserError.
+  written as each batch is done. With `primer`, its first `primer_events` events (default
+  DEFAULT_PRIMER_EVENTS) warm the model up and, with `keep_primer`, open every file. Every user
+  mistake is a UserError.
   """
   from tqdm import tqdm
 
