@@ -6,10 +6,14 @@ moment leaves the previous checkpoints intact.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -51,12 +55,51 @@ def purge_deleted(directory: Path) -> None:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any] | None,
          metrics: dict[str, float] | None = None) -> None:
-  """Starts an asynchronous save of `state` (a pytree) and the iterator position; `metrics` rank it."""
+  """Starts an asynchronous save of `state` (a pytree) and the iterator position; `metrics` rank it.
+
+  A failure of the previous save surfaces here, as a CheckpointWriteError.
+  """
+  finish(manager)
   purge_deleted(Path(manager.directory))
   items = {"state": ocp.args.StandardSave(state)}
   if data_state is not None:
     items["data"] = ocp.args.JsonSave(data_state)
   manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+class CheckpointWriteError(UserError):
+  """A checkpoint could not be written (full disk, read-only folder); the earlier ones are intact."""
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the save under way; an OS error writing it becomes a CheckpointWriteError saying why."""
+  pending = manager.latest_step()  # orbax lists a step as soon as its save starts, unlists it if it fails
+  try:
+    manager.wait_until_finished()
+  except OSError as error:
+    intact = manager.latest_step()
+    hint = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    kept = f"checkpoint {intact} is intact" if intact is not None else "no earlier checkpoint exists"
+    raise CheckpointWriteError(
+        f"could not write checkpoint {pending} to {manager.directory}: {error.strerror or error} "
+        f"(errno {error.errno}): {hint} or point --workdir elsewhere; {kept}") from None
+
+
+@contextlib.contextmanager
+def closing(manager: ocp.CheckpointManager) -> Iterator[ocp.CheckpointManager]:
+  """Closes `manager` on exit, after its last save (see `finish`). After a failed write it is left open:
+  orbax raises that failure again on every wait, and it has been reported already.
+  """
+  failed_write = False
+  try:
+    yield manager
+  except CheckpointWriteError:
+    failed_write = True
+    raise
+  finally:
+    if not failed_write:
+      finish(manager)
+      manager.close()
 
 
 def resolve_step(manager: ocp.CheckpointManager, which: str | int = "latest") -> int:

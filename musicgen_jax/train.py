@@ -342,9 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     resources.enter_context(run_lock(workdir))
     trainer = Trainer(config)
     save_config(config, workdir)
-    manager = checkpointing.checkpoint_manager(workdir, config.train.keep_checkpoints)
-    resources.callback(manager.close)
-    resources.callback(manager.wait_until_finished)
+    manager = resources.enter_context(
+        checkpointing.closing(checkpointing.checkpoint_manager(workdir, config.train.keep_checkpoints)))
     train_iter = input_pipeline.train_iterator(config, data_dir, shard_index=jax.process_index(),
                                               shard_count=jax.process_count())
     resources.callback(train_iter.close)

@@ -1,0 +1,84 @@
+"""Checkpoint failures: a full or read-only disk while saving, damaged and foreign checkpoints, bad configs."""
+
+import errno
+import functools
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from musicgen_jax import cli, store, train
+from tests.test_train import scale_corpus
+
+STEPS = ("train.steps=40", "train.checkpoint_every=20", "train.log_every=40", "train.eval_every=1000")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+  root = tmp_path_factory.mktemp("corpus")
+  store.write_corpus(root, {"train": scale_corpus(0), "validation": scale_corpus(1, pieces=2)})
+  return root
+
+
+def mount_tmpfs(folder: Path, size: str) -> None:
+  """Mounts a `size` tmpfs at `folder`; skips the test where that is not allowed (not root, no mount)."""
+  folder.mkdir(parents=True)
+  try:
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                            capture_output=True, text=True)
+  except FileNotFoundError:
+    pytest.skip("no mount command: a real full or read-only disk cannot be made here")
+  if result.returncode:
+    pytest.skip(f"cannot mount a tmpfs ({result.stderr.strip()}): a real full or read-only disk needs root")
+
+
+def fill(folder: Path) -> None:
+  """Writes into `folder` until its file system is full."""
+  with (folder / "filler").open("wb") as filler:
+    try:
+      while True:
+        filler.write(b"\0" * (1 << 16))
+        filler.flush()
+    except OSError as error:
+      assert error.errno == errno.ENOSPC
+
+
+def break_disk_after_first_checkpoint(checkpoints: Path, how: str):
+  """A `stop` hook for training: once checkpoint 20 is in place, fills or write-protects its folder."""
+  def stop(step: int) -> bool:
+    if step == 21:
+      deadline = time.time() + 60
+      while not (checkpoints / "20").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+      if how == "full":
+        fill(checkpoints)
+      else:
+        subprocess.run(["mount", "-o", "remount,ro", str(checkpoints)], check=True)
+    return False
+  return stop
+
+
+@pytest.mark.parametrize("how, reason, hint", [
+    ("full", "No space left on device (errno 28)", "free space"),
+    ("read-only", "Read-only file system (errno 30)", "make it writable"),
+])
+def test_a_failed_checkpoint_write_is_one_line_and_the_previous_one_restores(corpus, tmp_path, capfd, monkeypatch,
+                                                                            how, reason, hint):
+  """Real faults, not mocks: the run's checkpoints folder is a 16 MiB tmpfs that is filled, or remounted
+  read-only (chmod would not stop root), after checkpoint 20; checkpoint 40 then fails.
+  """
+  workdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+  mount_tmpfs(checkpoints, "16m")
+  try:
+    monkeypatch.setattr(train, "train_and_evaluate", functools.partial(
+        train.train_and_evaluate, stop=break_disk_after_first_checkpoint(checkpoints, how)))
+    code = cli.main(["train", "--workdir", str(workdir), "--config", "tiny", "--data", str(corpus), "--quiet",
+                     *STEPS])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err == (f"musicgen: error: could not write checkpoint 40 to {checkpoints}: {reason}: {hint} or point "
+                   "--workdir elsewhere; checkpoint 20 is intact\n")
+    assert train.load_run(workdir).step == 20
+  finally:
+    subprocess.run(["umount", "-l", str(checkpoints)], check=False)
