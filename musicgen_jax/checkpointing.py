@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,11 +27,45 @@ DELETED_DIR = ".deleted"  # Old checkpoints are renamed here (atomic), then purg
 BEST_METRIC = "pitch_nll"
 
 
+ORBAX_CODE = f"{os.sep}orbax{os.sep}"
+
+
+class OrbaxFailureLogs(logging.Filter):
+  """Drops orbax's logged errors and asyncio's reports of the futures it abandons: each failure of orbax's
+  background threads is also raised, and musicgen reports what is raised as one line. musicgen runs no
+  coroutines of its own, so every asyncio error is orbax's.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or not (record.name == "asyncio" or ORBAX_CODE in record.pathname)
+
+
+def drop_closed_loop_reports(report: Any, previous: Any = sys.unraisablehook) -> None:
+  """An unraisable-exception hook: drops the reports of reads and writes orbax abandons when a save or
+  restore fails (they find its event loop closed); passes everything else on.
+  """
+  if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+    previous(report)
+
+
+def quiet_orbax_failures() -> None:
+  """Keeps orbax's reports of a failure off stderr, so that a failed save or restore is one line."""
+  for logger in ("absl", "asyncio"):
+    logging.getLogger(logger).addFilter(ORBAX_FAILURE_LOGS)
+  sys.unraisablehook = drop_closed_loop_reports
+  # As above, the unawaited coroutines are orbax's, abandoned by a failed save.
+  warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
+
+
+ORBAX_FAILURE_LOGS = OrbaxFailureLogs()
+
+
 def checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
   """The run's manager: keeps the last `keep` checkpoints and the one with the lowest validation NLL."""
   directory = Path(workdir).resolve() / CHECKPOINT_DIR
   if read_only and not directory.is_dir():
     raise UserError(f"{workdir} has no checkpoints: train it first with `musicgen train --workdir {workdir}`")
+  quiet_orbax_failures()
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=True, n=1,

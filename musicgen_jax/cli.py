@@ -52,7 +52,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-  from musicgen_jax import train
+  from musicgen_jax import checkpointing, train
   from musicgen_jax.config import run_config
 
   config = run_config(args.workdir, args.config, args.data, args.overrides)
@@ -61,6 +61,12 @@ def cmd_train(args: argparse.Namespace) -> int:
   except train.NonFiniteLoss as error:
     print(f"musicgen: training stopped: {error}", file=sys.stderr)
     return 1
+  except checkpointing.CheckpointWriteError as error:
+    # orbax leaves threads of the failed save waiting 5 minutes for a signal that never comes; they would
+    # hold the process open, so it ends here.
+    print(f"musicgen: error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_USER_ERROR)
   print(f"saved step {int(state.step)} of {config.train.steps} in {Path(args.workdir) / 'checkpoints'}")
   return 0
 

@@ -1,8 +1,9 @@
 """Checkpoint failures: a full or read-only disk while saving, damaged and foreign checkpoints, bad configs."""
 
 import errno
-import functools
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from musicgen_jax import cli, store, train
 from tests.test_train import scale_corpus
 
+GLOG_LINE = re.compile(r"[IWEF]\d{4} ")  # C++ log lines of XLA and tensorstore, not musicgen's
 STEPS = ("train.steps=40", "train.checkpoint_every=20", "train.log_every=40", "train.eval_every=1000")
 
 
@@ -59,24 +61,35 @@ def break_disk_after_first_checkpoint(checkpoints: Path, how: str):
   return stop
 
 
+FAILING_TRAIN = """
+import functools, sys
+from pathlib import Path
+from musicgen_jax import cli, train
+from tests.test_checkpointing import STEPS, break_disk_after_first_checkpoint
+
+corpus, workdir, how = sys.argv[1:]
+train.train_and_evaluate = functools.partial(
+    train.train_and_evaluate, stop=break_disk_after_first_checkpoint(Path(workdir) / "checkpoints", how))
+sys.exit(cli.main(["train", "--workdir", workdir, "--config", "tiny", "--data", corpus, "--quiet", *STEPS]))
+"""
+
+
 @pytest.mark.parametrize("how, reason, hint", [
     ("full", "No space left on device (errno 28)", "free space"),
     ("read-only", "Read-only file system (errno 30)", "make it writable"),
 ])
-def test_a_failed_checkpoint_write_is_one_line_and_the_previous_one_restores(corpus, tmp_path, capfd, monkeypatch,
-                                                                            how, reason, hint):
+def test_a_failed_checkpoint_write_is_one_line_and_the_previous_one_restores(corpus, tmp_path, how, reason, hint):
   """Real faults, not mocks: the run's checkpoints folder is a 16 MiB tmpfs that is filled, or remounted
-  read-only (chmod would not stop root), after checkpoint 20; checkpoint 40 then fails.
+  read-only (chmod would not stop root), once checkpoint 20 is written; checkpoint 40 then fails. The
+  command runs in a subprocess so that all it prints on stderr is seen.
   """
   workdir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
   mount_tmpfs(checkpoints, "16m")
   try:
-    monkeypatch.setattr(train, "train_and_evaluate", functools.partial(
-        train.train_and_evaluate, stop=break_disk_after_first_checkpoint(checkpoints, how)))
-    code = cli.main(["train", "--workdir", str(workdir), "--config", "tiny", "--data", str(corpus), "--quiet",
-                     *STEPS])
-    err = capfd.readouterr().err
-    assert code == 2
+    result = subprocess.run([sys.executable, "-c", FAILING_TRAIN, str(corpus), str(workdir), how],
+                            capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
+    err = "".join(line for line in result.stderr.splitlines(keepends=True) if not GLOG_LINE.match(line))
+    assert result.returncode == 2, result.stderr[-3000:]
     assert err == (f"musicgen: error: could not write checkpoint 40 to {checkpoints}: {reason}: {hint} or point "
                    "--workdir elsewhere; checkpoint 20 is intact\n")
     assert train.load_run(workdir).step == 20
