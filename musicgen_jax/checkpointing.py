@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -25,6 +26,8 @@ from musicgen_jax.errors import UserError
 CHECKPOINT_DIR = "checkpoints"
 DELETED_DIR = ".deleted"  # Old checkpoints are renamed here (atomic), then purged.
 BEST_METRIC = "pitch_nll"
+TENSORSTORE_DAMAGE = re.compile(r"(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND): ")  # status codes of unreadable files
+MAX_REASON = 200  # characters of an error message quoted in a one-line report
 
 
 ORBAX_CODE = f"{os.sep}orbax{os.sep}"
@@ -168,8 +171,34 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
     items["data"] = ocp.args.JsonRestore()
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise UserError(f"checkpoint {step} in {manager.directory} does not fit this model ({first_line}): "
-                    "check that the run's config.json matches the checkpoint") from None
+  except Exception as error:
+    problem = restore_problem(error)
+    if problem is None:
+      raise
+    raise UserError(problem_message(manager, step, problem, error)) from None
   return restored["state"], restored["data"] if has_data else None
+
+
+def restore_problem(error: Exception) -> str | None:
+  """Why a restore raised `error`: `damaged` (unreadable files, a missing item), `misfit` (other shapes or
+  structure than the model), or None when it is no fault of the checkpoint.
+  """
+  if type(error) is Exception and isinstance(error.__cause__, ValueError):
+    error = error.__cause__  # orbax wraps tensorstore's failure to read an array in a bare Exception
+  if isinstance(error, (json.JSONDecodeError, KeyError, FileNotFoundError)):
+    return "damaged"
+  if isinstance(error, ValueError) and TENSORSTORE_DAMAGE.match(str(error)):
+    return "damaged"
+  return "misfit" if isinstance(error, (ValueError, TypeError)) else None
+
+
+def problem_message(manager: ocp.CheckpointManager, step: int, problem: str, error: Exception) -> str:
+  """One line saying what is wrong with checkpoint `step` and what to do."""
+  text = str(error.__cause__ if type(error) is Exception and error.__cause__ else error).strip()
+  reason = (text.splitlines()[0][:MAX_REASON] if text else type(error).__name__).rstrip(":")
+  if problem == "misfit":
+    return (f"checkpoint {step} in {manager.directory} does not fit this model ({reason}): "
+            "check that the run's config.json matches the checkpoint")
+  steps = sorted(manager.all_steps())
+  return (f"checkpoint {step} in {manager.directory} is damaged or incomplete ({reason}): delete "
+          f"{Path(manager.directory) / str(step)} to go back to an earlier one (the run has steps {steps})")

@@ -1,7 +1,9 @@
 """Checkpoint failures: a full or read-only disk while saving, damaged and foreign checkpoints, bad configs."""
 
 import errno
+import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -9,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from musicgen_jax import cli, store, train
+from musicgen_jax import checkpointing, cli, store, train
+from musicgen_jax.config import apply_overrides, load_config, save_config
 from tests.test_train import scale_corpus
 
 GLOG_LINE = re.compile(r"[IWEF]\d{4} ")  # C++ log lines of XLA and tensorstore, not musicgen's
@@ -95,3 +98,69 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_previous_one_restores(cor
     assert train.load_run(workdir).step == 20
   finally:
     subprocess.run(["umount", "-l", str(checkpoints)], check=False)
+
+
+def make_run(workdir: Path, corpus: Path, hidden: int) -> None:
+  """A run folder with checkpoints 1 and 2 of an untrained model of width `hidden`: no training needed."""
+  config = apply_overrides(load_config("tiny"), [f"data.dir={corpus}", f"model.hidden={hidden}", "model.embed=8",
+                                                 "sample.release_threshold=40", "train.steps=3"])
+  workdir.mkdir(parents=True)
+  save_config(config, workdir)
+  _, state = train.create_train_state(config)
+  with checkpointing.closing(checkpointing.checkpoint_manager(workdir)) as manager:
+    for step in (1, 2):
+      checkpointing.save(manager, step, state, None)
+
+
+def overwrite_array_data(workdir: Path) -> None:
+  for chunk in (workdir / "checkpoints" / "2" / "state" / "ocdbt.process_0" / "d").iterdir():
+    chunk.write_bytes(b"garbage" * 10)
+
+
+def truncate_manifest(workdir: Path) -> None:
+  (workdir / "checkpoints" / "2" / "state" / "manifest.ocdbt").write_bytes(b"")
+
+
+def remove_state(workdir: Path) -> None:
+  shutil.rmtree(workdir / "checkpoints" / "2" / "state")
+
+
+def copy_foreign_step(workdir: Path) -> None:
+  """Checkpoint 2 replaced by one of a run whose model.hidden is 16."""
+  make_run(workdir.parent / "foreign", workdir.parent / "corpus", 16)
+  shutil.rmtree(workdir / "checkpoints" / "2")
+  shutil.copytree(workdir.parent / "foreign" / "checkpoints" / "2", workdir / "checkpoints" / "2")
+
+
+def edit_config_width(workdir: Path) -> None:
+  config = json.loads((workdir / "config.json").read_text())
+  config["model"]["hidden"] = 16
+  (workdir / "config.json").write_text(json.dumps(config))
+
+
+def garble_config(workdir: Path) -> None:
+  (workdir / "config.json").write_text("{not json")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (overwrite_array_data, "checkpoint 2 in {checkpoints} is damaged or incomplete (OUT_OF_RANGE"),
+    (truncate_manifest, "checkpoint 2 in {checkpoints} is damaged or incomplete (DATA_LOSS"),
+    (remove_state, "checkpoint 2 in {checkpoints} is damaged or incomplete ('Item \"state\" was not found"),
+    (copy_foreign_step, "checkpoint 2 in {checkpoints} does not fit this model (Requested shape"),
+    (edit_config_width, "checkpoint 2 in {checkpoints} does not fit this model (Requested shape"),
+    (garble_config, "config.json is not valid JSON"),
+])
+@pytest.mark.parametrize("command", ["generate", "evaluate", "train"])
+def test_a_bad_checkpoint_or_config_is_one_line_and_exit_2(corpus, tmp_path, capfd, command, damage, message):
+  """Damaged, foreign or mismatched checkpoints and configs, as each command meets them (training resumes)."""
+  (tmp_path / "corpus").symlink_to(corpus)
+  workdir = tmp_path / "run"
+  make_run(workdir, corpus, 32)
+  damage(workdir)
+  options = {"generate": ["--out", str(tmp_path / "out"), "--num", "1", "--length", "8", "--quiet"],
+             "evaluate": ["--data", str(corpus)], "train": ["--quiet"]}[command]
+  code = cli.main([command, "--workdir", str(workdir), *options])
+  err = "".join(line for line in capfd.readouterr().err.splitlines(keepends=True) if not GLOG_LINE.match(line))
+  assert code == 2
+  assert err.startswith("musicgen: error: ") and err.count("\n") == 1, err[-3000:]
+  assert message.format(checkpoints=workdir / "checkpoints") in err
