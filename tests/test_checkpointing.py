@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from musicgen_jax import checkpointing, cli, store, train
+from musicgen_jax import checkpointing, cli, sampling, store, train
 from musicgen_jax.config import apply_overrides, load_config, save_config
+from musicgen_jax.errors import UserError
 from tests.test_train import scale_corpus
 
 GLOG_LINE = re.compile(r"[IWEF]\d{4} ")  # C++ log lines of XLA and tensorstore, not musicgen's
@@ -164,3 +165,47 @@ def test_a_bad_checkpoint_or_config_is_one_line_and_exit_2(corpus, tmp_path, cap
   assert code == 2
   assert err.startswith("musicgen: error: ") and err.count("\n") == 1, err[-3000:]
   assert message.format(checkpoints=workdir / "checkpoints") in err
+
+
+PEAK_RSS = """
+import resource, sys
+from musicgen_jax import sampling
+
+sampling.generate(sys.argv[1], sys.argv[2], num=int(sys.argv[3]), length=64, batch_size=64, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_kib(workdir: Path, out: Path, num: int) -> int:
+  result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(workdir), str(out), str(num)], capture_output=True,
+                          text=True, timeout=300, check=True)
+  return int(result.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("small, large", [
+    pytest.param(64, 640, id="10x"),
+    pytest.param(200, 2000, id="2000", marks=pytest.mark.slow),
+])
+def test_generation_memory_does_not_grow_with_the_number_of_files(corpus, tmp_path, small, large):
+  """Peak RSS of a fresh process writing `large` files is within 10% of one writing `small`: batches are
+  written as they finish, nothing accumulates.
+  """
+  make_run(tmp_path / "run", corpus, 32)
+  baseline = peak_rss_kib(tmp_path / "run", tmp_path / "small", small)
+  peak = peak_rss_kib(tmp_path / "run", tmp_path / "large", large)
+  assert len(list((tmp_path / "large").glob("*.mid"))) == large
+  assert peak < 1.1 * baseline, (baseline, peak)
+
+
+@pytest.mark.parametrize("prefix", ["a/b", "../escape", "..", "/abs", "nul\0byte", "back\\slash", ""])
+def test_output_names_never_leave_the_out_folder(tmp_path, prefix):
+  """A prefix that is a path, or has a NUL, is refused; any accepted one names files inside --out."""
+  options = dict(num=3, length=8, batch_size=2, temperature=1.0, top_k=0, top_p=1.0, seed=0, primer=None,
+                 primer_events=None, keep_primer=False)
+  out = tmp_path / "out"
+  try:
+    sampling.check_options(**options, prefix=prefix)
+  except UserError:
+    return
+  for path in sampling.output_paths(out, prefix, 3):
+    assert path.resolve().parent == out.resolve(), path
