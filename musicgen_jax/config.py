@@ -17,6 +17,7 @@ from musicgen_jax.errors import UserError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILE = "config.json"
+CONFIG_SECTIONS = ("data", "model", "train", "sample")
 
 
 def config_path(name_or_path: str) -> Path:
@@ -107,8 +108,11 @@ def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -
   """Writes the config into the run folder as JSON (atomically), so a run never needs its flags again."""
   path = Path(workdir) / CONFIG_FILE
   tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+  except OSError as error:
+    raise UserError(f"could not write {path}: {error.strerror}: free space or make the run folder writable") from None
   return path
 
 
@@ -127,9 +131,13 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   if not path.is_file():
     raise UserError(f"{workdir} holds no run (no {CONFIG_FILE}): train one with `musicgen train --workdir {workdir}`")
   try:
-    config = ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+    loaded = json.loads(path.read_text())
   except json.JSONDecodeError as error:
     raise UserError(f"{path} is not valid JSON ({error}): restore it or start a new run folder") from None
+  if not isinstance(loaded, dict) or not all(isinstance(loaded.get(k), dict) for k in CONFIG_SECTIONS):
+    raise UserError(f"{path} is not a musicgen config (it lacks the {', '.join(CONFIG_SECTIONS)} settings): "
+                    "restore it or start a new run folder")
+  config = ml_collections.ConfigDict(_tuples(loaded))
   config.lock()
   return config
 

@@ -237,8 +237,12 @@ class MetricsLog:
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.primary:
       return
-    self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-    self.file.flush()
+    try:
+      self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+      self.file.flush()
+    except OSError as error:
+      raise UserError(f"could not write {self.path}: {error.strerror}: free space or make the run folder "
+                      "writable; the last checkpoint is intact") from None
     for key, value in metrics.items():
       self.writer.add_scalar(key, value, step)
 

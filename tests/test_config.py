@@ -58,3 +58,10 @@ def test_config_round_trips_through_the_run_folder(tmp_path):
 def test_reading_a_folder_without_a_run_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match="no run"):
     read_config(tmp_path)
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"model": 3}'])
+def test_a_config_json_of_the_wrong_shape_is_a_user_error(tmp_path, content):
+  (tmp_path / "config.json").write_text(content)
+  with pytest.raises(UserError, match="not a musicgen config"):
+    read_config(tmp_path)
