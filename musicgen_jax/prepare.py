@@ -86,9 +86,14 @@ def maestro_pieces(root: Path, table: Path) -> list[Piece]:
           for row in rows]
 
 
+def midi_files(folder: Path) -> list[Path]:
+  """Every path under `folder` with a MIDI suffix (any case), sorted."""
+  return sorted(p for p in folder.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
+
+
 def folder_pieces(folder: Path, val_fraction: float) -> list[Piece]:
-  """Every path under `folder` with a MIDI suffix (any case), split by the hash of its path within `folder`."""
-  paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES)
+  """Every MIDI path under `folder` (`midi_files`), split by the hash of its path within `folder`."""
+  paths = midi_files(folder)
   names = [p.relative_to(folder).as_posix() for p in paths]
   return [Piece(Path(os.path.abspath(p)), name, hash_split(name, val_fraction), name) for p, name in zip(paths, names)]
 

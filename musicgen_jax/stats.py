@@ -163,11 +163,6 @@ def compare(judged: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray
   return {name: compare_feature(judged[name], reference[name]) for name in FEATURES}
 
 
-def midi_files(folder: Path) -> list[Path]:
-  """Every file under `folder` with a MIDI suffix (any case), sorted."""
-  return sorted(p for p in folder.rglob("*") if p.suffix.lower() in prepare.MIDI_SUFFIXES)
-
-
 def read_midi_pieces(files: Sequence[Path], source: Path) -> list[Events]:
   """The event streams of MIDI files (sustain applied); unreadable files are skipped with one warning line."""
   pieces, unreadable = [], []
@@ -186,7 +181,7 @@ def read_midi_pieces(files: Sequence[Path], source: Path) -> list[Events]:
 
 def has_split(path: Path, split: str) -> bool:
   """Whether a prepared folder or MAESTRO root holds pieces of `split`."""
-  if (path / prepare.MANIFEST).is_file():
+  if store.is_complete(path):
     return store.has_split(path, split)
   table = path.is_dir() and prepare.maestro_csv(path)
   return bool(table) and any(piece.split == split for piece in prepare.maestro_pieces(path, table))
@@ -197,7 +192,7 @@ def load_set(path: str | os.PathLike, split: str) -> list[Events]:
   path = Path(path)
   if not path.exists():
     raise UserError(f"{path} does not exist: give a folder of MIDI files, a MAESTRO root or a prepared folder")
-  if (path / prepare.MANIFEST).is_file():
+  if store.is_complete(path):
     if not store.has_split(path, split):
       raise UserError(f"{path} has no {split!r} split: choose one with --split (e.g. train, validation)")
     opened = store.open_split(path, split)
@@ -205,7 +200,7 @@ def load_set(path: str | os.PathLike, split: str) -> list[Events]:
   if not path.is_dir():
     return read_midi_pieces([path], path)
   table = prepare.maestro_csv(path)
-  files = [p.path for p in prepare.maestro_pieces(path, table) if p.split == split] if table else midi_files(path)
+  files = [p.path for p in prepare.maestro_pieces(path, table) if p.split == split] if table else prepare.midi_files(path)
   if not files:
     raise UserError(f"{path} holds no MIDI files{f' in its {split!r} split' if table else ''} "
                     f"({', '.join(prepare.MIDI_SUFFIXES)}): give a folder that does")
