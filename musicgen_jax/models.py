@@ -180,12 +180,17 @@ class Head(nnx.Module):
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None) -> jax.Array:
+    """Applies the head to `x` [..., features]. All leading axes are folded into one first: with a single
+    row axis the weight gradients are plain matmuls, where with [batch, time] rows XLA made a transposed
+    copy of every hidden gradient (the heads' backward pass took twice as long on CPU)."""
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
     for layer in self.hidden:
       x = layer(x)
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
-    return self.out(x).astype(jnp.float32)
+    return self.out(x).astype(jnp.float32).reshape(*lead, -1)
 
 
 class MusicLSTM(nnx.Module):
