@@ -51,6 +51,17 @@ def _cell(pre_gates: jax.Array, c_prev: jax.Array) -> tuple[jax.Array, jax.Array
   return o * jnp.tanh(c), c, tanh_gates
 
 
+def _backward_factors(tanh_gates: jax.Array, c_prev: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
+  """The factors of one step's backward pass that do not depend on later steps, computed in the forward
+  pass where their inputs already are: d_pre = [dc, dc, dc, dh] * gate_factors, dc += dh * cell_factor,
+  and the forget gate that carries dc to the step before."""
+  scale = _gate_scale(c.shape[-1])
+  i, f, g, o = jnp.split(tanh_gates * scale + (1.0 - scale), 4, axis=-1)
+  tanh_c = jnp.tanh(c)
+  gate_factors = jnp.concatenate([g, c_prev, i, tanh_c], axis=-1) * (scale * scale) * (1.0 - tanh_gates * tanh_gates)
+  return gate_factors, o * (1.0 - tanh_c * tanh_c), f
+
+
 def _lstm_forward(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array,
                   c0: jax.Array, *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
   """The layer over time-major `inputs` [time, batch, features]: the input projection as one matmul, then
@@ -64,7 +75,7 @@ def _lstm_forward(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, k
            + jnp.dot(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32))
     h, c, tanh_gates = _cell(pre, c_prev)
     output = h.astype(projected.dtype)
-    return (h, c), ((output, tanh_gates, c_prev) if keep_residuals else (output,))
+    return (h, c), ((output, *_backward_factors(tanh_gates, c_prev, c)) if keep_residuals else (output,))
 
   (h, c), (outputs, *residuals) = jax.lax.scan(step, (h0, c0), projected)
   return (outputs, h, c), tuple(residuals)
@@ -82,28 +93,24 @@ def _lstm(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, kernel: j
 
 
 def _lstm_fwd(inputs, input_kernel, bias, kernel, h0, c0):
-  result, (tanh_gates, c_prev) = _lstm_forward(inputs, input_kernel, bias, kernel, h0, c0, keep_residuals=True)
-  return result, (inputs, input_kernel, bias, kernel, h0, result[0], tanh_gates, c_prev)
+  result, factors = _lstm_forward(inputs, input_kernel, bias, kernel, h0, c0, keep_residuals=True)
+  return result, (inputs, input_kernel, bias, kernel, h0, result[0], *factors)
 
 
 def _lstm_bwd(residuals, cotangents):
-  inputs, input_kernel, bias, kernel, h0, outputs, tanh_gates, c_prev = residuals
+  inputs, input_kernel, bias, kernel, h0, outputs, gate_factors, cell_factor, forget = residuals
   d_outputs, dh_final, dc_final = cotangents
-  scale = _gate_scale(h0.shape[-1])
 
   def step(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
     dh, dc = carry
-    d_out, tanh_g, c_before = xs
-    i, f, g, o = jnp.split(tanh_g * scale + (1.0 - scale), 4, axis=-1)
-    tanh_c = jnp.tanh(f * c_before + i * g)
+    d_out, gate_factors_t, cell_factor_t, forget_t = xs
     dh = dh + d_out.astype(jnp.float32)
-    dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
-    d_act = jnp.concatenate([dc * g, dc * c_before, dc * i, dh * tanh_c], axis=-1)
-    d_pre = (d_act * (scale * scale) * (1.0 - tanh_g * tanh_g)).astype(outputs.dtype)
+    dc = dc + dh * cell_factor_t
+    d_pre = (jnp.concatenate([dc, dc, dc, dh], axis=-1) * gate_factors_t).astype(outputs.dtype)
     dh_prev = jax.lax.dot_general(d_pre, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return (dh_prev, dc * f), d_pre
+    return (dh_prev, dc * forget_t), d_pre
 
-  (dh0, dc0), d_pre = jax.lax.scan(step, (dh_final, dc_final), (d_outputs, tanh_gates, c_prev),
+  (dh0, dc0), d_pre = jax.lax.scan(step, (dh_final, dc_final), (d_outputs, gate_factors, cell_factor, forget),
                                    reverse=True)
   flat_d_pre = d_pre.reshape(-1, d_pre.shape[-1])
   d_inputs = jax.lax.dot_general(flat_d_pre, input_kernel, (((1,), (1,)), ((), ())))
