@@ -65,8 +65,7 @@ def _backward_factors(tanh_gates: jax.Array, c_prev: jax.Array, c: jax.Array) ->
 def _lstm_forward(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array,
                   c0: jax.Array, *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
   """The layer over time-major `inputs` [time, batch, features]: the input projection as one matmul, then
-  the recurrence. Returns (outputs, h, c) and, with `keep_residuals`, each step's gate tanh values and
-  incoming cell state."""
+  the recurrence. Returns (outputs, h, c) and, with `keep_residuals`, each step's `_backward_factors`."""
   projected = jnp.dot(inputs, input_kernel)
 
   def step(carry: tuple[jax.Array, jax.Array], x_t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
