@@ -42,6 +42,25 @@ def _gate_scale(hidden: int) -> jax.Array:
   return jnp.concatenate([half, half, jnp.ones((hidden,), jnp.float32), half])
 
 
+def _scan(step: Any, init: Any, xs: Any, **kwargs: Any) -> tuple[Any, Any]:
+  """`jax.lax.scan` that stacks 16-bit float outputs as their bit patterns (uint16), then restores them.
+
+  XLA:CPU stacks bfloat16 by converting the whole stacked array to float32 and back at every step,
+  which made bfloat16 training slower than float32 there; integers are stacked in place everywhere.
+  """
+  out_dtypes = []
+
+  def bit_step(carry: Any, x: Any) -> tuple[Any, Any]:
+    carry, ys = step(carry, x)
+    out_dtypes[:] = [y.dtype for y in jax.tree.leaves(ys)]
+    return carry, jax.tree.map(lambda y: jax.lax.bitcast_convert_type(y, jnp.uint16) if y.dtype.itemsize == 2 else y, ys)
+
+  carry, ys = jax.lax.scan(bit_step, init, xs, **kwargs)
+  leaves, treedef = jax.tree.flatten(ys)
+  return carry, treedef.unflatten([
+      jax.lax.bitcast_convert_type(y, dtype) if y.dtype != dtype else y for y, dtype in zip(leaves, out_dtypes)])
+
+
 def _cell(pre_gates: jax.Array, c_prev: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One LSTM cell update from float32 pre-activations [batch, 4 * hidden]: new h, new c and the gates' tanh."""
   scale = _gate_scale(c_prev.shape[-1])
@@ -66,17 +85,17 @@ def _lstm_forward(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, k
                   c0: jax.Array, *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
   """The layer over time-major `inputs` [time, batch, features]: the input projection as one matmul, then
   the recurrence. Returns (outputs, h, c) and, with `keep_residuals`, each step's `_backward_factors`."""
-  projected = jnp.dot(inputs, input_kernel)
+  projected = jnp.dot(inputs, input_kernel, preferred_element_type=jnp.float32)
 
   def step(carry: tuple[jax.Array, jax.Array], x_t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
     h, c_prev = carry
-    pre = (x_t.astype(jnp.float32) + bias.astype(jnp.float32)
+    pre = (x_t + bias.astype(jnp.float32)
            + jnp.dot(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32))
     h, c, tanh_gates = _cell(pre, c_prev)
-    output = h.astype(projected.dtype)
+    output = h.astype(inputs.dtype)
     return (h, c), ((output, *_backward_factors(tanh_gates, c_prev, c)) if keep_residuals else (output,))
 
-  (h, c), (outputs, *residuals) = jax.lax.scan(step, (h0, c0), projected)
+  (h, c), (outputs, *residuals) = _scan(step, (h0, c0), projected)
   return (outputs, h, c), tuple(residuals)
 
 
@@ -109,16 +128,16 @@ def _lstm_bwd(residuals, cotangents):
     dh_prev = jax.lax.dot_general(d_pre, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return (dh_prev, dc * forget_t), d_pre
 
-  (dh0, dc0), d_pre = jax.lax.scan(step, (dh_final, dc_final), (d_outputs, gate_factors, cell_factor, forget),
+  (dh0, dc0), d_pre = _scan(step, (dh_final, dc_final), (d_outputs, gate_factors, cell_factor, forget),
                                    reverse=True)
   flat_d_pre = d_pre.reshape(-1, d_pre.shape[-1])
-  d_inputs = jax.lax.dot_general(flat_d_pre, input_kernel, (((1,), (1,)), ((), ())))
+  d_inputs = jax.lax.dot_general(flat_d_pre, input_kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   # Both kernels' gradients in one matmul: [inputs, h_prev] is the smaller operand to transpose.
   h_prev = jnp.concatenate([h0[None].astype(outputs.dtype), outputs[:-1]])
   operands = jnp.concatenate([inputs, h_prev], axis=-1).reshape(-1, inputs.shape[-1] + h_prev.shape[-1])
   d_kernels = jnp.dot(operands.T, flat_d_pre, preferred_element_type=jnp.float32)
   d_bias = jnp.sum(flat_d_pre, axis=0, dtype=jnp.float32)
-  return (d_inputs.reshape(inputs.shape), d_kernels[:inputs.shape[-1]].astype(input_kernel.dtype),
+  return (d_inputs.reshape(inputs.shape).astype(inputs.dtype), d_kernels[:inputs.shape[-1]].astype(input_kernel.dtype),
           d_bias.astype(bias.dtype), d_kernels[inputs.shape[-1]:].astype(kernel.dtype), dh0.astype(h0.dtype),
           dc0)
 
@@ -180,9 +199,10 @@ class Head(nnx.Module):
                dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
-        nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, preferred_element_type=jnp.float32, rngs=rngs)
         for a, b in zip(sizes[:-1], sizes[1:])])
-    self.out = nnx.Linear(sizes[-1], out_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.out = nnx.Linear(sizes[-1], out_features, dtype=dtype, param_dtype=param_dtype,
+                          preferred_element_type=jnp.float32, rngs=rngs)
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None) -> jax.Array:
@@ -196,7 +216,7 @@ class Head(nnx.Module):
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
-    return self.out(x).astype(jnp.float32).reshape(*lead, -1)
+    return self.out(x).reshape(*lead, -1)
 
 
 class MusicLSTM(nnx.Module):
