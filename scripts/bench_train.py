@@ -1,9 +1,10 @@
-"""Training throughput of the jitted train step against a float32 GEMM roof and a PyTorch reference.
+"""Training throughput of the jitted train step against a GEMM roof and a PyTorch reference.
 
 Runs the real `Trainer.train_step` (three optimizers, donated state) on batches shaped like the
 config's, so that the step alone is measured; `scripts/bench_data.py` measures the input pipeline.
-In the same process it measures the float32 GEMM roof with jax (a 2048^3 matmul) and a plain
-PyTorch model of the same shapes (nn.LSTM, the same three heads, Adam, the same isolation), and
+In the same process it measures the GEMM roof with jax (a 2048^3 matmul of the model's compute
+dtype, accumulated in float32) and a plain PyTorch model of the same shapes (nn.LSTM, the same three
+heads, Adam, the same isolation; under bfloat16 autocast when `model.dtype=bfloat16`), and
 reports events/s, model FLOPs utilisation (one training event ~ 3x its forward matmul FLOPs) and
 the ratio to PyTorch. Rounds alternate jax and PyTorch and the best of each is kept, so that a
 burst of load from other processes hurts both alike; the load average is printed with the figures.
@@ -69,10 +70,11 @@ def timed(run: Callable[[], Any], repeats: int) -> float:
   return (time.perf_counter() - start) / repeats
 
 
-def gemm_roof(repeats: int = 10) -> float:
-  """FLOP/s of a jitted float32 2048^3 matmul, its fastest call: the dense-compute ceiling of this process."""
-  a, b = (jax.random.normal(jax.random.key(i), (GEMM_SIZE, GEMM_SIZE), jnp.float32) for i in range(2))
-  matmul = jax.jit(jnp.matmul)
+def gemm_roof(dtype: str, repeats: int = 10) -> float:
+  """FLOP/s of a jitted 2048^3 matmul of `dtype` inputs accumulated in float32, its fastest call: the
+  dense-compute ceiling of this process for the model's compute dtype."""
+  a, b = (jax.random.normal(jax.random.key(i), (GEMM_SIZE, GEMM_SIZE), dtype) for i in range(2))
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   matmul(a, b).block_until_ready()
   return 2 * GEMM_SIZE**3 / min(timed(lambda: matmul(a, b).block_until_ready(), 1) for _ in range(repeats))
 
@@ -103,6 +105,7 @@ class TorchStep:
     model, self.isolate = config.model, config.train.isolation == "strict"
     torch.manual_seed(config.seed)
     self.continuous = model.inputs == "pitch+dt+velocity"
+    self.bfloat16 = model.dtype == "bfloat16"  # Then autocast: float32 parameters, bfloat16 compute, as ours.
     widths = [model.hidden] + [model.hidden // d for d in model.head_divisors]
 
     def head(out_features: int) -> Any:
@@ -124,6 +127,17 @@ class TorchStep:
     self()
 
   def __call__(self) -> None:
+    with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bfloat16):
+      loss = self.loss()
+    for _, optimizer, _ in self.groups:
+      optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for params, optimizer, clip_norm in self.groups:
+      if clip_norm > 0:
+        self.torch.nn.utils.clip_grad_norm_(params, clip_norm)
+      optimizer.step()
+
+  def loss(self) -> Any:
     torch, inputs, targets = self.torch, self.batch["inputs"], self.batch["targets"]
     x = self.embed(inputs["pitch"].long())
     if self.continuous:
@@ -132,16 +146,9 @@ class TorchStep:
     features, _ = self.lstm(x)
     side = features.detach() if self.isolate else features
     logits = self.heads["pitch"](features)
-    loss = (torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets["pitch"].long().flatten())
-            + (self.heads["time"](side)[..., 0] - targets["dt"]).abs().mean()
-            + (self.heads["velocity"](side)[..., 0] - targets["velocity"] / models.MAX_VELOCITY).square().mean())
-    for _, optimizer, _ in self.groups:
-      optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for params, optimizer, clip_norm in self.groups:
-      if clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
-      optimizer.step()
+    return (torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets["pitch"].long().flatten())
+            + (self.heads["time"](side)[..., 0].float() - targets["dt"]).abs().mean()
+            + (self.heads["velocity"](side)[..., 0].float() - targets["velocity"] / models.MAX_VELOCITY).square().mean())
 
 
 def import_torch() -> Any:
@@ -176,7 +183,7 @@ def main() -> None:
     order = list(steps.items())[::-1 if round_index % 2 else 1]
     for name, step in order:
       step_s[name] = min(step_s[name], timed(step, args.steps))
-    roof = max(roof, gemm_roof())
+    roof = max(roof, gemm_roof(config.model.dtype))
 
   events = config.train.batch_size * config.data.window
   train_flops = 3 * forward_flops_per_event(config.model)
@@ -200,7 +207,7 @@ def main() -> None:
   for name, rate in rates.items():
     gflops = rate * train_flops / 1e9
     print(f"{name + ' train step':22}{rate:10.0f}{1000 * step_s[name]:10.1f}{gflops:10.1f}{gflops * 1e9 / roof:9.1%}")
-  print(f"{'jax 2048^3 GEMM roof':22}{'':20}{roof / 1e9:10.1f}")
+  print(f"{'jax 2048^3 GEMM roof':22}{'':20}{roof / 1e9:10.1f}   ({config.model.dtype} inputs)")
   if torch is not None:
     print(f"jax / PyTorch: {result['vs_torch']:.3f}x")
   print(f"compile {result['compile_s']} s; {train_flops / 1e6:.1f} MFLOP per training event; "
