@@ -84,19 +84,27 @@ def _backward_factors(tanh_gates: jax.Array, c_prev: jax.Array, c: jax.Array) ->
 def _lstm_forward(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array,
                   c0: jax.Array, *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
   """The layer over time-major `inputs` [time, batch, features]: the input projection as one matmul, then
-  the recurrence. Returns (outputs, h, c) and, with `keep_residuals`, each step's `_backward_factors`."""
+  the recurrence. Returns (outputs, h, c) and, with `keep_residuals`, each step's `_backward_factors`.
+
+  The loop carries the projected inputs [time, batch, 4 * hidden] and, with `keep_residuals`,
+  overwrites step t's row with step t's gate factors once it has read it: the factors need no
+  buffer of their own, which would have to be zero-filled first.
+  """
   projected = jnp.dot(inputs, input_kernel, preferred_element_type=jnp.float32)
 
-  def step(carry: tuple[jax.Array, jax.Array], x_t: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
-    h, c_prev = carry
-    pre = (x_t + bias.astype(jnp.float32)
+  def step(carry: tuple[jax.Array, ...], t: jax.Array) -> tuple[tuple[jax.Array, ...], tuple]:
+    h, c_prev, rows = carry
+    pre = (jax.lax.dynamic_index_in_dim(rows, t, keepdims=False) + bias.astype(jnp.float32)
            + jnp.dot(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32))
     h, c, tanh_gates = _cell(pre, c_prev)
     output = h.astype(inputs.dtype)
-    return (h, c), ((output, *_backward_factors(tanh_gates, c_prev, c)) if keep_residuals else (output,))
+    if not keep_residuals:
+      return (h, c, rows), (output,)
+    gate_factors, cell_factor, forget = _backward_factors(tanh_gates, c_prev, c)
+    return (h, c, jax.lax.dynamic_update_index_in_dim(rows, gate_factors, t, 0)), (output, cell_factor, forget)
 
-  (h, c), (outputs, *residuals) = _scan(step, (h0, c0), projected)
-  return (outputs, h, c), tuple(residuals)
+  (h, c, gate_factors), (outputs, *residuals) = _scan(step, (h0, c0, projected), jnp.arange(inputs.shape[0]))
+  return (outputs, h, c), (gate_factors, *residuals) if keep_residuals else ()
 
 
 @jax.custom_vjp
@@ -119,17 +127,24 @@ def _lstm_bwd(residuals, cotangents):
   inputs, input_kernel, bias, kernel, h0, outputs, gate_factors, cell_factor, forget = residuals
   d_outputs, dh_final, dc_final = cotangents
 
-  def step(carry: tuple[jax.Array, jax.Array], xs: tuple) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-    dh, dc = carry
-    d_out, gate_factors_t, cell_factor_t, forget_t = xs
+  # As in the forward pass, step t's pre-activation gradient overwrites its gate factors, read just before.
+  def step(carry: tuple[jax.Array, ...], xs: tuple) -> tuple[tuple[jax.Array, ...], None]:
+    dh, dc, rows = carry
+    t, d_out, cell_factor_t, forget_t = xs
     dh = dh + d_out.astype(jnp.float32)
     dc = dc + dh * cell_factor_t
-    d_pre = (jnp.concatenate([dc, dc, dc, dh], axis=-1) * gate_factors_t).astype(outputs.dtype)
+    d_pre = jnp.concatenate([dc, dc, dc, dh], axis=-1) * jax.lax.dynamic_index_in_dim(rows, t, keepdims=False)
+    rows = jax.lax.dynamic_update_index_in_dim(rows, d_pre, t, 0)
+    # The matmul reads d_pre back from the buffer, so that nothing reads the overwritten factors after
+    # the write: otherwise XLA may recompute d_pre from them in another fusion and copy the buffer.
+    d_pre = jax.lax.dynamic_index_in_dim(rows, t, keepdims=False).astype(kernel.dtype)
     dh_prev = jax.lax.dot_general(d_pre, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return (dh_prev, dc * forget_t), d_pre
+    return (dh_prev, dc * forget_t, rows), None
 
-  (dh0, dc0), d_pre = _scan(step, (dh_final, dc_final), (d_outputs, gate_factors, cell_factor, forget),
-                                   reverse=True)
+  (dh0, dc0, d_pre), _ = jax.lax.scan(
+      step, (dh_final, dc_final, gate_factors), (jnp.arange(inputs.shape[0]), d_outputs, cell_factor, forget),
+      reverse=True)
+  d_pre = d_pre.astype(outputs.dtype)
   flat_d_pre = d_pre.reshape(-1, d_pre.shape[-1])
   d_inputs = jax.lax.dot_general(flat_d_pre, input_kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   # Both kernels' gradients in one matmul: [inputs, h_prev] is the smaller operand to transpose.
