@@ -185,6 +185,8 @@ class LSTMLayer(nnx.Module):
 
   def __call__(self, inputs: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
     """Runs the layer over `inputs` [batch, time, features] from `state`; returns outputs and final state."""
+    if inputs.shape[1] == 0:  # Nothing to read (a one-event primer): the state stays as it is.
+      return jnp.zeros((inputs.shape[0], 0, self.hidden), self.dtype), state
     cast = lambda x: x.astype(self.dtype)
     outputs, h, c = _lstm(cast(jnp.swapaxes(inputs, 0, 1)), cast(self.input_proj.kernel.value),
                           cast(self.input_proj.bias.value), cast(self.recurrent_kernel.value), state.h, state.c)
