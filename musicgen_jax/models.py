@@ -184,13 +184,14 @@ class LSTMLayer(nnx.Module):
     return LSTMState(zeros, zeros)
 
   def __call__(self, inputs: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
-    """Runs the layer over `inputs` [batch, time, features] from `state`; returns outputs and final state."""
-    if inputs.shape[1] == 0:  # Nothing to read (a one-event primer): the state stays as it is.
-      return jnp.zeros((inputs.shape[0], 0, self.hidden), self.dtype), state
+    """Runs the layer over time-major `inputs` [time, batch, features] from `state`; returns time-major
+    outputs and the final state."""
+    if inputs.shape[0] == 0:  # Nothing to read (a one-event primer): the state stays as it is.
+      return jnp.zeros((0, inputs.shape[1], self.hidden), self.dtype), state
     cast = lambda x: x.astype(self.dtype)
-    outputs, h, c = _lstm(cast(jnp.swapaxes(inputs, 0, 1)), cast(self.input_proj.kernel.value),
-                          cast(self.input_proj.bias.value), cast(self.recurrent_kernel.value), state.h, state.c)
-    return jnp.swapaxes(outputs, 0, 1), LSTMState(h, c)
+    outputs, h, c = _lstm(cast(inputs), cast(self.input_proj.kernel.value), cast(self.input_proj.bias.value),
+                          cast(self.recurrent_kernel.value), state.h, state.c)
+    return outputs, LSTMState(h, c)
 
 
 def byte_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
@@ -270,7 +271,9 @@ class MusicLSTM(nnx.Module):
 
   def features(self, inputs: Mapping[str, jax.Array],
                state: tuple[LSTMState, ...]) -> tuple[jax.Array, tuple[LSTMState, ...]]:
-    """The top LSTM layer's outputs [batch, time, hidden] for `inputs`, and the final states."""
+    """The top LSTM layer's outputs for `inputs` [batch, time], time-major [time, batch, hidden], and the final
+    states. Only the narrow inputs are transposed: the scans read time-major, and the heads take any order."""
+    inputs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(inputs))
     x = self.embed(inputs["pitch"])
     if self.inputs == "pitch+dt+velocity":
       x = jnp.concatenate([x, continuous_inputs(inputs["dt"], inputs["velocity"]).astype(x.dtype)], -1)
@@ -297,4 +300,5 @@ class MusicLSTM(nnx.Module):
     if state is None:
       state = self.initial_state(inputs["pitch"].shape[0])
     features, final = self.features(inputs, state)
-    return self.heads(features, isolate_heads=isolate_heads, rngs=rngs), final
+    outputs = self.heads(features, isolate_heads=isolate_heads, rngs=rngs)
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs), final

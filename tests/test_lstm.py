@@ -33,12 +33,13 @@ def layer_and_params(dtype=jnp.float32) -> tuple[models.LSTMLayer, dict]:
 
 
 def layer_fn(layer: models.LSTMLayer):
-  """The layer as a pure function of its parameters (a pure dict, as the reference's), inputs and initial state."""
+  """The layer as a pure function of its parameters (a pure dict, as the reference's), batch-major inputs and
+  initial state; the layer itself reads and writes time-major."""
   graphdef = nnx.graphdef(layer)
 
   def run(params, inputs, h0, c0):
-    outputs, final = nnx.merge(graphdef, params)(inputs, models.LSTMState(h0, c0))
-    return outputs, final.h, final.c
+    outputs, final = nnx.merge(graphdef, params)(jnp.swapaxes(inputs, 0, 1), models.LSTMState(h0, c0))
+    return jnp.swapaxes(outputs, 0, 1), final.h, final.c
 
   return run
 
