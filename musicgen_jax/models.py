@@ -138,8 +138,10 @@ def _lstm_bwd(residuals, cotangents):
     # The matmul reads d_pre back from the buffer, so that nothing reads the overwritten factors after
     # the write: otherwise XLA may recompute d_pre from them in another fusion and copy the buffer.
     d_pre = jax.lax.dynamic_index_in_dim(rows, t, keepdims=False).astype(kernel.dtype)
-    dh_prev = jax.lax.dot_general(d_pre, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dh_prev = jnp.dot(d_pre, kernel_t, preferred_element_type=jnp.float32)
     return (dh_prev, dc * forget_t, rows), None
+
+  kernel_t = kernel.T  # Transposed once, so that the loop's matmul reads both operands row-major.
 
   (dh0, dc0, d_pre), _ = jax.lax.scan(
       step, (dh_final, dc_final, gate_factors), (jnp.arange(inputs.shape[0]), d_outputs, cell_factor, forget),
