@@ -81,50 +81,76 @@ def _backward_factors(tanh_gates: jax.Array, c_prev: jax.Array, c: jax.Array) ->
   return gate_factors, o * (1.0 - tanh_c * tanh_c), f
 
 
-def _lstm_forward(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array,
-                  c0: jax.Array, *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
-  """The layer over time-major `inputs` [time, batch, features]: the input projection as one matmul, then
-  the recurrence. Returns (outputs, h, c) and, with `keep_residuals`, each step's `_backward_factors`.
+@jax.custom_vjp
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`x @ kernel` accumulated and returned in float32 from operands in the compute dtype.
 
-  The loop carries the projected inputs [time, batch, 4 * hidden] and, with `keep_residuals`,
-  overwrites step t's row with step t's gate factors once it has read it: the factors need no
-  buffer of their own, which would have to be zero-filled first.
+  Its backward pass runs its matmuls in the operands' dtype as well: autodiff of a float32-accumulating
+  matmul would upcast both to float32, which makes bfloat16 training pay float32 matmuls backwards.
   """
-  projected = jnp.dot(inputs, input_kernel, preferred_element_type=jnp.float32)
+  return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
+
+
+def _dense_fwd(x, kernel):
+  return dense(x, kernel), (x, kernel)
+
+
+def _dense_bwd(residuals, d_out):
+  x, kernel = residuals
+  d_out = d_out.astype(x.dtype)
+  d_x = jax.lax.dot_general(d_out, kernel, (((d_out.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  rows = lambda a: a.reshape(-1, a.shape[-1])
+  d_kernel = jax.lax.dot_general(rows(x), rows(d_out), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _recurrence_forward(projected: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array, c0: jax.Array,
+                        *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
+  """The recurrence over time-major float32 input projections `projected` [time, batch, 4 * hidden], the
+  `bias` added at each step where it costs no pass of its own. Returns (outputs, h, c) and, with `keep_residuals`, each step's `_backward_factors`.
+
+  The loop carries the projections and, with `keep_residuals`, overwrites step t's row with step t's
+  gate factors once it has read it: the factors need no buffer of their own, which would have to be
+  zero-filled first.
+  """
 
   def step(carry: tuple[jax.Array, ...], t: jax.Array) -> tuple[tuple[jax.Array, ...], tuple]:
     h, c_prev, rows = carry
     pre = (jax.lax.dynamic_index_in_dim(rows, t, keepdims=False) + bias.astype(jnp.float32)
            + jnp.dot(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32))
     h, c, tanh_gates = _cell(pre, c_prev)
-    output = h.astype(inputs.dtype)
+    output = h.astype(kernel.dtype)
     if not keep_residuals:
       return (h, c, rows), (output,)
     gate_factors, cell_factor, forget = _backward_factors(tanh_gates, c_prev, c)
     return (h, c, jax.lax.dynamic_update_index_in_dim(rows, gate_factors, t, 0)), (output, cell_factor, forget)
 
-  (h, c, gate_factors), (outputs, *residuals) = _scan(step, (h0, c0, projected), jnp.arange(inputs.shape[0]))
+  (h, c, gate_factors), (outputs, *residuals) = _scan(step, (h0, c0, projected), jnp.arange(projected.shape[0]))
   return (outputs, h, c), (gate_factors, *residuals) if keep_residuals else ()
 
 
 @jax.custom_vjp
-def _lstm(inputs: jax.Array, input_kernel: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array,
-          c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The LSTM layer with a hand-written backward pass; returns outputs [time, batch, hidden], final h and c.
+def _recurrence(projected: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array,
+                c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The LSTM recurrence with a hand-written backward pass; returns outputs [time, batch, hidden], final h and c.
 
-  The backward scan carries only dh and dc and emits the pre-activation gradients; both kernels'
-  gradients are then one large matmul over all time steps instead of a small one per step.
+  The backward scan carries only dh and dc and emits the pre-activation gradients, which are the
+  projections' gradients; the recurrent kernel's gradient is then one large matmul over all time
+  steps instead of a small one per step.
   """
-  return _lstm_forward(inputs, input_kernel, bias, kernel, h0, c0, keep_residuals=False)[0]
+  return _recurrence_forward(projected, bias, kernel, h0, c0, keep_residuals=False)[0]
 
 
-def _lstm_fwd(inputs, input_kernel, bias, kernel, h0, c0):
-  result, factors = _lstm_forward(inputs, input_kernel, bias, kernel, h0, c0, keep_residuals=True)
-  return result, (inputs, input_kernel, bias, kernel, h0, result[0], *factors)
+def _recurrence_fwd(projected, bias, kernel, h0, c0):
+  result, factors = _recurrence_forward(projected, bias, kernel, h0, c0, keep_residuals=True)
+  return result, (bias, kernel, h0, result[0], *factors)
 
 
-def _lstm_bwd(residuals, cotangents):
-  inputs, input_kernel, bias, kernel, h0, outputs, gate_factors, cell_factor, forget = residuals
+def _recurrence_bwd(residuals, cotangents):
+  bias, kernel, h0, outputs, gate_factors, cell_factor, forget = residuals
   d_outputs, dh_final, dc_final = cotangents
 
   # As in the forward pass, step t's pre-activation gradient overwrites its gate factors, read just before.
@@ -142,33 +168,26 @@ def _lstm_bwd(residuals, cotangents):
     return (dh_prev, dc * forget_t, rows), None
 
   kernel_t = kernel.T  # Transposed once, so that the loop's matmul reads both operands row-major.
-
   (dh0, dc0, d_pre), _ = jax.lax.scan(
-      step, (dh_final, dc_final, gate_factors), (jnp.arange(inputs.shape[0]), d_outputs, cell_factor, forget),
+      step, (dh_final, dc_final, gate_factors), (jnp.arange(outputs.shape[0]), d_outputs, cell_factor, forget),
       reverse=True)
-  d_pre = d_pre.astype(outputs.dtype)
+  # Step t's recurrent input is output t - 1 (h0 for t = 0).
+  h_prev = jnp.concatenate([h0[None].astype(outputs.dtype), outputs[:-1]]).reshape(-1, outputs.shape[-1])
   flat_d_pre = d_pre.reshape(-1, d_pre.shape[-1])
-  d_inputs = jax.lax.dot_general(flat_d_pre, input_kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  # Both kernels' gradients in one matmul: [inputs, h_prev] is the smaller operand to transpose.
-  h_prev = jnp.concatenate([h0[None].astype(outputs.dtype), outputs[:-1]])
-  operands = jnp.concatenate([inputs, h_prev], axis=-1).reshape(-1, inputs.shape[-1] + h_prev.shape[-1])
-  d_kernels = jnp.dot(operands.T, flat_d_pre, preferred_element_type=jnp.float32)
+  d_kernel = jnp.dot(h_prev.T, flat_d_pre.astype(outputs.dtype), preferred_element_type=jnp.float32)
   d_bias = jnp.sum(flat_d_pre, axis=0, dtype=jnp.float32)
-  return (d_inputs.reshape(inputs.shape).astype(inputs.dtype), d_kernels[:inputs.shape[-1]].astype(input_kernel.dtype),
-          d_bias.astype(bias.dtype), d_kernels[inputs.shape[-1]:].astype(kernel.dtype), dh0.astype(h0.dtype),
-          dc0)
+  return d_pre, d_bias.astype(bias.dtype), d_kernel.astype(kernel.dtype), dh0.astype(h0.dtype), dc0
 
 
-_lstm.defvjp(_lstm_fwd, _lstm_bwd)
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 class LSTMLayer(nnx.Module):
-  """One unidirectional LSTM layer whose input projection runs as one matmul over all time steps.
+  """One unidirectional LSTM layer whose input projection runs over all time steps at once.
 
-  Only the recurrent matmul (and the projection's bias, added in the same pass as the gates)
-  stays inside `lax.scan`, which keeps the sequential part lean on every backend; a custom
-  backward pass keeps it lean in training too (see `_lstm`). Gates are ordered input,
-  forget, cell, output; the cell state is kept in float32.
+  Only the recurrent matmul stays inside `lax.scan`, which keeps the sequential part lean on every
+  backend; a custom backward pass keeps it lean in training too (see `_recurrence`). Gates are
+  ordered input, forget, cell, output; the cell state is kept in float32.
   """
 
   def __init__(self, in_features: int, hidden: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
@@ -185,14 +204,36 @@ class LSTMLayer(nnx.Module):
     zeros = jnp.zeros((batch_size, self.hidden), jnp.float32)
     return LSTMState(zeros, zeros)
 
+  def project(self, inputs: jax.Array) -> jax.Array:
+    """The float32 input projections (without the bias, which `run` adds) of `inputs` [..., features]."""
+    return dense(inputs.astype(self.dtype), self.input_proj.kernel.value.astype(self.dtype))
+
+  def project_embedded(self, embed: nnx.Embed, ids: jax.Array, extra: jax.Array | None = None) -> jax.Array:
+    """`project` of [embed(ids), extra] (`extra` [..., k] may be absent). Where there are more positions
+    than embedding rows (always in training), every row is projected once and looked up: no matmul over
+    positions with the embedding's thin inner dimension, and no concatenated inputs."""
+    table = embed.embedding.value
+    if ids.size <= table.shape[0]:
+      inputs = embed(ids)
+      return self.project(inputs if extra is None else jnp.concatenate([inputs, extra.astype(inputs.dtype)], -1))
+    kernel = self.input_proj.kernel.value.astype(self.dtype)
+    projected = jnp.take(dense(table.astype(self.dtype), kernel[:table.shape[1]]), ids, axis=0)
+    if extra is None:
+      return projected
+    return projected + dense(extra.astype(self.dtype), kernel[table.shape[1]:])
+
   def __call__(self, inputs: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
     """Runs the layer over time-major `inputs` [time, batch, features] from `state`; returns time-major
     outputs and the final state."""
-    if inputs.shape[0] == 0:  # Nothing to read (a one-event primer): the state stays as it is.
-      return jnp.zeros((0, inputs.shape[1], self.hidden), self.dtype), state
-    cast = lambda x: x.astype(self.dtype)
-    outputs, h, c = _lstm(cast(inputs), cast(self.input_proj.kernel.value), cast(self.input_proj.bias.value),
-                          cast(self.recurrent_kernel.value), state.h, state.c)
+    return self.run(self.project(inputs), state)
+
+  def run(self, projected: jax.Array, state: LSTMState) -> tuple[jax.Array, LSTMState]:
+    """The recurrence from `state` over time-major input projections [time, batch, 4 * hidden], as from
+    `project` or `project_embedded`."""
+    if projected.shape[0] == 0:  # Nothing to read (a one-event primer): the state stays as it is.
+      return jnp.zeros((0, projected.shape[1], self.hidden), self.dtype), state
+    outputs, h, c = _recurrence(projected, self.input_proj.bias.value.astype(self.dtype),
+                                self.recurrent_kernel.value.astype(self.dtype), state.h, state.c)
     return outputs, LSTMState(h, c)
 
 
@@ -219,10 +260,10 @@ class Head(nnx.Module):
                dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
-        nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, preferred_element_type=jnp.float32, rngs=rngs)
-        for a, b in zip(sizes[:-1], sizes[1:])])
-    self.out = nnx.Linear(sizes[-1], out_features, dtype=dtype, param_dtype=param_dtype,
-                          preferred_element_type=jnp.float32, rngs=rngs)
+        nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
+    # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
+    self.out = nnx.Linear(sizes[-1], out_features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None) -> jax.Array:
@@ -232,7 +273,7 @@ class Head(nnx.Module):
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     for layer in self.hidden:
-      x = layer(x)
+      x = dense(x.astype(layer.dtype), layer.kernel.value.astype(layer.dtype)) + layer.bias.value.astype(layer.dtype)
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
@@ -276,11 +317,10 @@ class MusicLSTM(nnx.Module):
     """The top LSTM layer's outputs for `inputs` [batch, time], time-major [time, batch, hidden], and the final
     states. Only the narrow inputs are transposed: the scans read time-major, and the heads take any order."""
     inputs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(inputs))
-    x = self.embed(inputs["pitch"])
-    if self.inputs == "pitch+dt+velocity":
-      x = jnp.concatenate([x, continuous_inputs(inputs["dt"], inputs["velocity"]).astype(x.dtype)], -1)
-    final = []
-    for layer, layer_state in zip(self.lstm, state):
+    extra = continuous_inputs(inputs["dt"], inputs["velocity"]) if self.inputs == "pitch+dt+velocity" else None
+    x, first_final = self.lstm[0].run(self.lstm[0].project_embedded(self.embed, inputs["pitch"], extra), state[0])
+    final = [first_final]
+    for layer, layer_state in zip(self.lstm[1:], state[1:]):
       x, layer_final = layer(x, layer_state)
       final.append(layer_final)
     return x, tuple(final)

@@ -103,3 +103,17 @@ def test_byte_dropout_drops_at_the_rate_and_keeps_the_mean():
   assert abs(float(jnp.mean(dropped == 0)) - 0.25) < 0.01
   assert abs(float(jnp.mean(dropped)) - 1.0) < 0.02
   np.testing.assert_array_equal(models.byte_dropout(x, 0.0, jax.random.PRNGKey(0)), x)
+
+
+def test_embedded_projection_by_lookup_matches_the_concatenated_inputs():
+  model = tiny_model()
+  x = random_inputs(4, 50)  # 200 positions, more than the 128 embedding rows: the lookup path.
+  extra = models.continuous_inputs(x["dt"], x["velocity"])
+  by_lookup = lambda m: m.lstm[0].project_embedded(m.embed, x["pitch"], extra)
+  by_concatenation = lambda m: m.lstm[0].project(jnp.concatenate([m.embed(x["pitch"]), extra], -1))
+  np.testing.assert_allclose(by_lookup(model), by_concatenation(model), atol=1e-5)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=by_lookup(model).shape), jnp.float32)
+  grads = [nnx.grad(lambda m: jnp.sum(weights * project(m)))(model) for project in (by_lookup, by_concatenation)]
+  for ours, expected in zip(*(jax.tree.leaves(g) for g in grads)):
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+  assert np.any(jax.tree.leaves(grads[0])[0])  # The embedding's gradient, not all zero.

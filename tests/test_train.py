@@ -1,6 +1,7 @@
 """The training loop: it learns, stops and resumes bit-identically, checkpoints reload exactly."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -212,3 +213,22 @@ def test_loss_decreases_on_a_tiny_real_corpus(maestro, tmp_path):
   lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   losses = [m["train/loss_pitch"] for m in lines]
   assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
+  """An accelerator runs a float32 matmul as several bfloat16 ones: in a bfloat16 step every matmul,
+  forward and backward, reads bfloat16 operands (accumulating in float32), except the three heads'
+  output layers, which are float32 by design (forward, input gradient and kernel gradient each)."""
+  config = apply_overrides(load_config("tiny"), ("model.dtype=bfloat16",))
+  trainer = train.Trainer(config)
+  rows = (config.train.batch_size, config.data.window)
+  events = {"pitch": np.zeros(rows, np.int32), "dt": np.zeros(rows, np.float32), "velocity": np.zeros(rows, np.float32)}
+  hlo = trainer.train_step.lower(trainer.initial_state, trainer.zero_metrics(),
+                                 {"inputs": events, "targets": events}).as_text()
+  operands = re.findall(r"stablehlo\.dot_general [^\n]*: \(tensor<([^>]*)>, tensor<([^>]*)>\)", hlo)
+  assert len(operands) >= 30  # The LSTM layers' and the three heads' matmuls, forward and backward.
+  float32 = [pair for pair in operands if not all(t.endswith("xbf16") for t in pair)]
+  output_width = str(config.model.hidden // config.model.head_divisors[-1])  # The output layers' inputs.
+  assert len(float32) == 9, float32
+  for pair in float32:
+    assert all(t.endswith("xf32") for t in pair) and any(output_width in t.split("x")[:-1] for t in pair), pair
