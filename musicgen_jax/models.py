@@ -109,8 +109,9 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 def _recurrence_forward(projected: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array, c0: jax.Array,
                         *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
-  """The recurrence over time-major float32 input projections `projected` [time, batch, 4 * hidden], the
-  `bias` added at each step where it costs no pass of its own. Returns (outputs, h, c) and, with `keep_residuals`, each step's `_backward_factors`.
+  """The recurrence over time-major float32 input projections `projected` [time, batch, 4 * hidden], with
+  `bias` added at each step, where it costs no pass of its own. Returns (outputs, h, c) and, with
+  `keep_residuals`, each step's `_backward_factors`.
 
   The loop carries the projections and, with `keep_residuals`, overwrites step t's row with step t's
   gate factors once it has read it: the factors need no buffer of their own, which would have to be
@@ -273,7 +274,8 @@ class Head(nnx.Module):
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     for layer in self.hidden:
-      x = dense(x.astype(layer.dtype), layer.kernel.value.astype(layer.dtype)) + layer.bias.value.astype(layer.dtype)
+      kernel, bias = layer.kernel.value.astype(layer.dtype), layer.bias.value.astype(layer.dtype)
+      x = dense(x.astype(layer.dtype), kernel) + bias
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
