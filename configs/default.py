@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 64
   config.train.isolation = "strict"  # Or "joint" (the original code: losses summed into the trunk).
   config.train.predict_last = 0  # Score only the last k positions (0: every position).
+  config.train.steps_per_execution = 10  # Steps per compiled call (reduced to divide the cadences below).
   config.train.log_every = 50
   config.train.eval_every = 1000
   config.train.checkpoint_every = 1000

@@ -1,7 +1,8 @@
 """Training throughput of the jitted train step against a GEMM roof and a PyTorch reference.
 
-Runs the real `Trainer.train_step` (three optimizers, donated state) on batches shaped like the
-config's, so that the step alone is measured; `scripts/bench_data.py` measures the input pipeline.
+Runs the real `Trainer.train_steps` as the training loop does (three optimizers, donated state,
+`train.execution_steps` steps per call) on batches shaped like the config's, so that the steps alone
+are measured; `scripts/bench_data.py` measures the input pipeline.
 In the same process it measures the GEMM roof with jax (a 2048^3 matmul of the model's compute
 dtype, accumulated in float32) and a plain PyTorch model of the same shapes (nn.LSTM, the same three
 heads, Adam, the same isolation; under bfloat16 autocast when `model.dtype=bfloat16`), and
@@ -80,24 +81,29 @@ def gemm_roof(dtype: str, repeats: int = 10) -> float:
 
 
 class JaxStep:
-  """Our compiled `Trainer.train_step`, stepping its own state on one fixed batch."""
+  """Our compiled `Trainer.train_steps` as the training loop calls it (`train.execution_steps` steps per
+  call), stepping its own state on one fixed batch."""
 
   def __init__(self, config: ml_collections.ConfigDict):
     trainer = train.Trainer(config)
-    self.batch = jax.device_put(synthetic_batch(config.train.batch_size, config.data.window))
+    self.steps_per_call = train.execution_steps(config.train)
+    batch = synthetic_batch(config.train.batch_size, config.data.window)
+    self.batches = trainer.shard_batches([batch] * self.steps_per_call)
     self.state, self.metrics = trainer.initial_state, trainer.zero_metrics()
     start = time.perf_counter()
-    self.compiled = trainer.train_step.lower(self.state, self.metrics, self.batch).compile()
+    self.compiled = trainer.train_steps.lower(self.state, self.metrics, self.batches).compile()
     self.compile_s = time.perf_counter() - start
     self()
 
   def __call__(self) -> None:
-    self.state, self.metrics = self.compiled(self.state, self.metrics, self.batch)
+    self.state, self.metrics = self.compiled(self.state, self.metrics, self.batches)
     jax.block_until_ready((self.state, self.metrics))
 
 
 class TorchStep:
   """The PyTorch reference: the same model shapes, losses, isolation and per-head Adam with clipping."""
+
+  steps_per_call = 1
 
   def __init__(self, config: ml_collections.ConfigDict, torch: Any):
     self.torch = torch
@@ -165,7 +171,8 @@ def import_torch() -> Any:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="default")
-  parser.add_argument("--steps", type=int, default=3, help="timed steps per round and framework")
+  parser.add_argument("--steps", type=int, default=3,
+                      help="timed calls per round and framework (a jax call runs train.execution_steps steps)")
   parser.add_argument("--rounds", type=int, default=4, help="alternating jax/PyTorch rounds; the best is kept")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("overrides", nargs="*")
@@ -182,7 +189,7 @@ def main() -> None:
   for round_index in range(args.rounds):
     order = list(steps.items())[::-1 if round_index % 2 else 1]
     for name, step in order:
-      step_s[name] = min(step_s[name], timed(step, args.steps))
+      step_s[name] = min(step_s[name], timed(step, args.steps) / step.steps_per_call)
     roof = max(roof, gemm_roof(config.model.dtype))
 
   events = config.train.batch_size * config.data.window
@@ -191,7 +198,8 @@ def main() -> None:
   result = {
       "config": args.config, "overrides": args.overrides, "batch_size": config.train.batch_size,
       "window": config.data.window, "hidden": config.model.hidden, "layers": config.model.layers,
-      "dtype": config.model.dtype, "compile_s": round(jax_step.compile_s, 2),
+      "dtype": config.model.dtype, "steps_per_execution": jax_step.steps_per_call,
+      "compile_s": round(jax_step.compile_s, 2),
       "step_ms": round(1000 * step_s["jax"], 1), "events_per_s": round(rates["jax"]),
       "train_mflop_per_event": round(train_flops / 1e6, 2),
       "model_gflop_per_s": round(rates["jax"] * train_flops / 1e9, 1),

@@ -1,6 +1,6 @@
 """Where the train step's time goes: a `jax.profiler` trace of a few compiled steps, summed per XLA op.
 
-Compiles the real `Trainer.train_step` as `scripts/bench_train.py` does, traces --steps steps into
+Compiles the real `Trainer.train_steps` as `scripts/bench_train.py` does, traces --steps calls into
 --trace-dir (open it with TensorBoard's profile plugin, xprof or Perfetto for the timeline) and
 prints the ops that took the most time per step, with the shape each produces and the JAX operation
 it came from. This is how the heads' transposed gradient copies and bfloat16's per-step restacking
@@ -58,7 +58,8 @@ def describe(hlo: str, name: str) -> tuple[str, str]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="default")
-  parser.add_argument("--steps", type=int, default=2, help="traced steps (after one untraced warm-up)")
+  parser.add_argument("--steps", type=int, default=2,
+                      help="traced calls (after one untraced warm-up), each of train.execution_steps steps")
   parser.add_argument("--top", type=int, default=30, help="ops to print")
   parser.add_argument("--trace-dir", type=Path, default=None, help="where to keep the trace (default: a temporary folder)")
   parser.add_argument("overrides", nargs="*")
@@ -70,7 +71,7 @@ def main() -> None:
     with jax.profiler.trace(str(trace_dir)):
       for _ in range(args.steps):
         step()
-    nanoseconds, calls = op_times(trace_dir, args.steps)
+    nanoseconds, calls = op_times(trace_dir, args.steps * step.steps_per_call)
   hlo = step.compiled.as_text()
   print(f"{'ms/step':>9} {'calls':>6}  {'op':34} {'result':30} from")
   for name, ns in nanoseconds.most_common(args.top):

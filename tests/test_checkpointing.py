@@ -51,9 +51,13 @@ def fill(folder: Path) -> None:
 
 
 def break_disk_after_first_checkpoint(checkpoints: Path, how: str):
-  """A `stop` hook for training: once checkpoint 20 is in place, fills or write-protects its folder."""
+  """A `stop` hook for training: once checkpoint 20 is in place, fills or write-protects its folder (at the
+  first call after step 20: the hook is called once per execution of several steps)."""
+  broken = []
+
   def stop(step: int) -> bool:
-    if step == 21:
+    if step > 20 and not broken:
+      broken.append(step)
       deadline = time.time() + 60
       while not (checkpoints / "20").is_dir() and time.time() < deadline:
         time.sleep(0.05)

@@ -64,12 +64,40 @@ def test_loss_decreases_and_metrics_are_logged(corpus, tmp_path):
 def test_stop_and_resume_is_bit_identical_to_one_run(corpus, tmp_path):
   config = tiny(corpus, "train.steps=40", "model.dropout=0.2", "data.workers=0")
   straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
-  train.train_and_evaluate(config, tmp_path / "resumed", progress=False, stop=lambda step: step == 13)
-  assert checkpointing.checkpoint_manager(tmp_path / "resumed").latest_step() == 13
+  # Steps run 10 to an execution here (train.log_every=10): the stop lands at the end of the one under way.
+  train.train_and_evaluate(config, tmp_path / "resumed", progress=False, stop=lambda step: step >= 7)
+  assert checkpointing.checkpoint_manager(tmp_path / "resumed").latest_step() == 10
   resumed = train.train_and_evaluate(read_config(tmp_path / "resumed"), tmp_path / "resumed", progress=False)
   assert int(resumed.step) == 40
   for a, b in zip(params_of(straight), params_of(resumed)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_execution_steps_divide_every_cadence_of_the_loop(corpus):
+  assert train.execution_steps(tiny(corpus, "train.steps=40").train) == 10
+  assert train.execution_steps(tiny(corpus, "train.steps=40", "train.log_every=4").train) == 2
+  assert train.execution_steps(tiny(corpus, "train.steps=13").train) == 1
+  assert train.execution_steps(tiny(corpus, "train.steps=40", "train.steps_per_execution=1").train) == 1
+  with pytest.raises(UserError, match="steps_per_execution"):
+    train.execution_steps(tiny(corpus, "train.steps_per_execution=0").train)
+
+
+def test_several_steps_per_execution_equal_as_many_single_steps(corpus):
+  from musicgen_jax import input_pipeline
+
+  config = tiny(corpus, "model.dropout=0.2")
+  trainer = train.Trainer(config)
+  iterator = input_pipeline.train_iterator(config, corpus)
+  batches = [next(iterator) for _ in range(4)]
+  state, metrics = jax.tree.map(np.copy, (trainer.initial_state, trainer.zero_metrics()))
+  for batch in batches:
+    state, metrics = trainer.train_step(state, metrics, trainer.shard_batch(batch))
+  together, together_metrics = trainer.train_steps(trainer.initial_state, trainer.zero_metrics(),
+                                                   trainer.shard_batches(batches))
+  assert int(together.step) == int(state.step) == 4
+  for a, b in zip(params_of(state), params_of(together)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(together_metrics["pitch_nll"], metrics["pitch_nll"], rtol=1e-5)
 
 
 def test_checkpoint_reload_gives_identical_eval_metrics(corpus, tmp_path):
