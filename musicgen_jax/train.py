@@ -197,7 +197,8 @@ class Trainer:
                      weights=weights)
 
     def compiled(fn: Callable[..., Any], batch_sharding: NamedSharding) -> Any:
-      return jax.jit(functools.partial(fn, **step_args), in_shardings=(self.replicated, self.replicated, batch_sharding),
+      return jax.jit(functools.partial(fn, **step_args),
+                     in_shardings=(self.replicated, self.replicated, batch_sharding),
                      out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1))
 
     self.train_step = compiled(train_step, self.batch_sharding)
@@ -208,14 +209,14 @@ class Trainer:
   def zero_metrics(self) -> dict[str, jax.Array]:
     return jax.device_put(zero_metrics(), self.replicated)
 
-  def shard_batch(self, local_batch: Mapping[str, Any]) -> Any:
+  def shard_batch(self, local_batch: Mapping[str, Any], sharding: NamedSharding | None = None) -> Any:
     """Assembles this host's rows of a batch into global arrays sharded along `data`."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), local_batch)
+    sharding = sharding or self.batch_sharding
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 
   def shard_batches(self, local_batches: list[Mapping[str, Any]]) -> Any:
     """`shard_batch` of several batches stacked on a new leading axis, the input of `train_steps`."""
-    stacked = jax.tree.map(lambda *rows: np.stack(rows), *local_batches)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.stacked_sharding, x), stacked)
+    return self.shard_batch(jax.tree.map(lambda *rows: np.stack(rows), *local_batches), self.stacked_sharding)
 
   def host_rows(self, global_batch: Mapping[str, Any]) -> Any:
     """This host's share of a batch that every host holds whole (the fixed evaluation batches)."""
