@@ -148,9 +148,9 @@ for devices in (1, 4):
                                                  "model.dropout=0.0", "train.batch_size=8"])
   trainer = train.Trainer(config)
   batches = input_pipeline.train_iterator(config, config.data.dir)
-  state, metrics = trainer.initial_state, trainer.zero_metrics()
-  for _ in range(5):
-    state, metrics = trainer.train_step(state, metrics, trainer.shard_batch(next(batches)))
+  stacked = trainer.shard_batches([next(batches) for _ in range(5)])  # Five steps in one call, as the loop runs.
+  assert len(stacked["inputs"]["pitch"].sharding.device_set) == devices
+  state, metrics = trainer.train_steps(trainer.initial_state, trainer.zero_metrics(), stacked)
   assert len(state.params["embed"]["embedding"].value.sharding.device_set) == devices
   params[devices] = [np.asarray(x) for x in jax.tree.leaves(state.params)]
 worst = max(float(np.max(np.abs(a - b))) for a, b in zip(params[1], params[4]))
