@@ -185,6 +185,7 @@ class Trainer:
     if not 0 <= config.train.predict_last <= config.data.window:
       raise UserError(f"train.predict_last must be between 0 and data.window ({config.data.window})")
     self.config = config
+    self.steps_per_execution = execution_steps(config.train)
     self.mesh = data_mesh(config)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -363,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        progress: bool = True, stop: Callable[[int], bool] | None = None) -> TrainState:
   """Trains to `config.train.steps`, resuming from the run's latest checkpoint, saving on stop signals.
 
-  Steps run `execution_steps` at a time; a stop signal, or `stop(step)` (for tests and the menu) turning
+  Steps run `Trainer.steps_per_execution` at a time; a stop signal, or `stop(step)` (for tests and the menu) turning
   true, ends the run with a save after the execution under way.
   """
   from tqdm import tqdm
@@ -396,12 +397,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     bar = resources.enter_context(tqdm(total=config.train.steps, initial=step, disable=not progress, unit="step",
                                        dynamic_ncols=True))
     metrics, tick = trainer.zero_metrics(), time.perf_counter()
-    steps_per_execution = execution_steps(config.train)
     while step < config.train.steps:
-      batches = trainer.shard_batches([next(train_iter) for _ in range(steps_per_execution)])
+      batches = trainer.shard_batches([next(train_iter) for _ in range(trainer.steps_per_execution)])
       state, metrics = trainer.train_steps(state, metrics, batches)
-      step += steps_per_execution
-      bar.update(steps_per_execution)
+      step += trainer.steps_per_execution
+      bar.update(trainer.steps_per_execution)
       last = step == config.train.steps or stop_request.requested or (stop is not None and stop(step))
       if step % config.train.log_every == 0 or last:
         totals = jax.device_get(metrics)

@@ -86,7 +86,7 @@ class JaxStep:
 
   def __init__(self, config: ml_collections.ConfigDict):
     trainer = train.Trainer(config)
-    self.steps_per_call = train.execution_steps(config.train)
+    self.steps_per_call = trainer.steps_per_execution
     batch = synthetic_batch(config.train.batch_size, config.data.window)
     self.batches = trainer.shard_batches([batch] * self.steps_per_call)
     self.state, self.metrics = trainer.initial_state, trainer.zero_metrics()
