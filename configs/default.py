@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.1
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   config.model.param_dtype = "float32"
+  # How the LSTM runs: auto (cudnn on GPUs in float32, fused on CPUs, scan elsewhere), scan, fused or cudnn.
+  config.model.recurrence = "auto"
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 100_000

@@ -143,8 +143,9 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def model_differences(saved: ml_collections.ConfigDict, asked: ml_collections.ConfigDict) -> list[str]:
-  """The `model.*` settings that differ between two configs, as `key: saved -> asked` lines."""
-  keys = sorted(set(saved.model.keys()) | set(asked.model.keys()))
+  """The `model.*` settings that differ between two configs, as `key: saved -> asked` lines, but for
+  `model.recurrence`: it changes how the LSTM runs, not its parameters, so a resumed run may change it."""
+  keys = sorted((set(saved.model.keys()) | set(asked.model.keys())) - {"recurrence"})
   return [f"model.{k}: {saved.model.get(k)!r} -> {asked.model.get(k)!r}"
           for k in keys if saved.model.get(k) != asked.model.get(k)]
 

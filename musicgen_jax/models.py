@@ -14,10 +14,15 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from musicgen_jax import cudnn_lstm, fused_lstm
+from musicgen_jax.errors import UserError
+from musicgen_jax.fused_lstm import byte_dropout, dense
+
 NUM_PITCHES = 128
 MAX_VELOCITY = 127.0
 DT_INPUT_SCALE = 0.01  # Seconds; dt inputs are fed as log1p(dt / DT_INPUT_SCALE).
 INPUT_MODES = ("pitch", "pitch+dt+velocity")
+RECURRENCES = ("auto", "scan", "fused", "cudnn")  # model.recurrence: how the LSTM runs, never what it computes.
 
 
 class LSTMState(NamedTuple):
@@ -33,165 +38,60 @@ def continuous_inputs(dt: jax.Array, velocity: jax.Array) -> jax.Array:
   return jnp.stack([dt_feature, velocity / MAX_VELOCITY], axis=-1)
 
 
-def _gate_scale(hidden: int) -> jax.Array:
-  """Per-unit scale s with act = s * tanh(s * x) + (1 - s): sigmoid for gates i, f, o (s = 1/2), tanh for g (s = 1).
-
-  One tanh over all four gates replaces three sigmoids and a tanh (sigmoid(x) = tanh(x / 2) / 2 + 1 / 2).
-  """
-  half = jnp.full((hidden,), 0.5, jnp.float32)
-  return jnp.concatenate([half, half, jnp.ones((hidden,), jnp.float32), half])
-
-
-def _scan(step: Any, init: Any, xs: Any, **kwargs: Any) -> tuple[Any, Any]:
-  """`jax.lax.scan` that stacks 16-bit float outputs as their bit patterns (uint16), then restores them.
-
-  XLA:CPU stacks bfloat16 by converting the whole stacked array to float32 and back at every step,
-  which made bfloat16 training slower than float32 there; integers are stacked in place everywhere.
-  """
-  out_dtypes = []
-
-  def bit_step(carry: Any, x: Any) -> tuple[Any, Any]:
-    carry, ys = step(carry, x)
-    out_dtypes[:] = [y.dtype for y in jax.tree.leaves(ys)]
-    return carry, jax.tree.map(lambda y: jax.lax.bitcast_convert_type(y, jnp.uint16) if y.dtype.itemsize == 2 else y, ys)
-
-  carry, ys = jax.lax.scan(bit_step, init, xs, **kwargs)
-  leaves, treedef = jax.tree.flatten(ys)
-  return carry, treedef.unflatten([
-      jax.lax.bitcast_convert_type(y, dtype) if y.dtype != dtype else y for y, dtype in zip(leaves, out_dtypes)])
+def resolve_recurrence(name: str, dtype: Any) -> str:
+  """The recurrence that `model.recurrence=name` runs on this backend: `auto` is cuDNN on GPUs in float32,
+  the fused kernel on CPUs and `scan` elsewhere (TPUs, GPUs in bfloat16). One it cannot run is a UserError."""
+  if name not in RECURRENCES:
+    raise UserError(f"model.recurrence must be one of {', '.join(RECURRENCES)}, not {name!r}")
+  float32 = jnp.dtype(dtype) == jnp.float32
+  if name == "auto":
+    if cudnn_lstm.platform() and float32:
+      return "cudnn"
+    return "fused" if jax.default_backend() == "cpu" else "scan"
+  if name == "cudnn" and not cudnn_lstm.platform():
+    raise UserError(f"model.recurrence=cudnn needs a CUDA or ROCm GPU, but JAX runs on {jax.default_backend()} "
+                    "here: use auto, scan or fused")
+  if name == "cudnn" and not float32:
+    raise UserError(f"model.recurrence=cudnn computes in float32 only, not model.dtype={jnp.dtype(dtype).name}: "
+                    "use scan (or auto) for bfloat16")
+  return name
 
 
-def _cell(pre_gates: jax.Array, c_prev: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One LSTM cell update from float32 pre-activations [batch, 4 * hidden]: new h, new c and the gates' tanh."""
-  scale = _gate_scale(c_prev.shape[-1])
-  tanh_gates = jnp.tanh(pre_gates * scale)
-  i, f, g, o = jnp.split(tanh_gates * scale + (1.0 - scale), 4, axis=-1)
-  c = f * c_prev + i * g
-  return o * jnp.tanh(c), c, tanh_gates
+def lstm_cell(state: LSTMState, gate_inputs: jax.Array, kernel: jax.Array) -> LSTMState:
+  """One step of the textbook LSTM from `gate_inputs` [batch, 4 * hidden], the input projection plus bias in
+  float32, and the recurrent `kernel` [hidden, 4 * hidden] in the compute dtype; gates i, f, g, o."""
+  gates = gate_inputs + dense(state.h.astype(kernel.dtype), kernel)
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  c = jax.nn.sigmoid(f) * state.c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  return LSTMState(jax.nn.sigmoid(o) * jnp.tanh(c), c)
 
 
-def _backward_factors(tanh_gates: jax.Array, c_prev: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
-  """The factors of one step's backward pass that do not depend on later steps, computed in the forward
-  pass where their inputs already are: d_pre = [dc, dc, dc, dh] * gate_factors, dc += dh * cell_factor,
-  and the forget gate that carries dc to the step before."""
-  scale = _gate_scale(c.shape[-1])
-  i, f, g, o = jnp.split(tanh_gates * scale + (1.0 - scale), 4, axis=-1)
-  tanh_c = jnp.tanh(c)
-  gate_factors = jnp.concatenate([g, c_prev, i, tanh_c], axis=-1) * (scale * scale) * (1.0 - tanh_gates * tanh_gates)
-  return gate_factors, o * (1.0 - tanh_c * tanh_c), f
+def scan_recurrence(projected: jax.Array, bias: jax.Array, kernel: jax.Array,
+                    state: LSTMState) -> tuple[jax.Array, LSTMState]:
+  """`lstm_cell` over time-major input projections [time, batch, 4 * hidden] by `lax.scan`, differentiated by
+  autodiff: outputs [time, batch, hidden] in the kernel's dtype and the final state."""
 
+  def step(state: LSTMState, x: jax.Array) -> tuple[LSTMState, jax.Array]:
+    state = lstm_cell(state, x + bias.astype(jnp.float32), kernel)
+    return state, state.h.astype(kernel.dtype)
 
-@jax.custom_vjp
-def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`x @ kernel` accumulated and returned in float32 from operands in the compute dtype.
-
-  Its backward pass runs its matmuls in the operands' dtype as well: autodiff of a float32-accumulating
-  matmul would upcast both to float32, which makes bfloat16 training pay float32 matmuls backwards.
-  """
-  return jnp.dot(x, kernel, preferred_element_type=jnp.float32)
-
-
-def _dense_fwd(x, kernel):
-  return dense(x, kernel), (x, kernel)
-
-
-def _dense_bwd(residuals, d_out):
-  x, kernel = residuals
-  d_out = d_out.astype(x.dtype)
-  d_x = jax.lax.dot_general(d_out, kernel, (((d_out.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  rows = lambda a: a.reshape(-1, a.shape[-1])
-  d_kernel = jax.lax.dot_general(rows(x), rows(d_out), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-def _recurrence_forward(projected: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array, c0: jax.Array,
-                        *, keep_residuals: bool) -> tuple[tuple[jax.Array, jax.Array, jax.Array], tuple]:
-  """The recurrence over time-major float32 input projections `projected` [time, batch, 4 * hidden], with
-  `bias` added at each step, where it costs no pass of its own. Returns (outputs, h, c) and, with
-  `keep_residuals`, each step's `_backward_factors`.
-
-  The loop carries the projections and, with `keep_residuals`, overwrites step t's row with step t's
-  gate factors once it has read it: the factors need no buffer of their own, which would have to be
-  zero-filled first.
-  """
-
-  def step(carry: tuple[jax.Array, ...], t: jax.Array) -> tuple[tuple[jax.Array, ...], tuple]:
-    h, c_prev, rows = carry
-    pre = (jax.lax.dynamic_index_in_dim(rows, t, keepdims=False) + bias.astype(jnp.float32)
-           + jnp.dot(h.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32))
-    h, c, tanh_gates = _cell(pre, c_prev)
-    output = h.astype(kernel.dtype)
-    if not keep_residuals:
-      return (h, c, rows), (output,)
-    gate_factors, cell_factor, forget = _backward_factors(tanh_gates, c_prev, c)
-    return (h, c, jax.lax.dynamic_update_index_in_dim(rows, gate_factors, t, 0)), (output, cell_factor, forget)
-
-  (h, c, gate_factors), (outputs, *residuals) = _scan(step, (h0, c0, projected), jnp.arange(projected.shape[0]))
-  return (outputs, h, c), (gate_factors, *residuals) if keep_residuals else ()
-
-
-@jax.custom_vjp
-def _recurrence(projected: jax.Array, bias: jax.Array, kernel: jax.Array, h0: jax.Array,
-                c0: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The LSTM recurrence with a hand-written backward pass; returns outputs [time, batch, hidden], final h and c.
-
-  The backward scan carries only dh and dc and emits the pre-activation gradients, which are the
-  projections' gradients; the recurrent kernel's gradient is then one large matmul over all time
-  steps instead of a small one per step.
-  """
-  return _recurrence_forward(projected, bias, kernel, h0, c0, keep_residuals=False)[0]
-
-
-def _recurrence_fwd(projected, bias, kernel, h0, c0):
-  result, factors = _recurrence_forward(projected, bias, kernel, h0, c0, keep_residuals=True)
-  return result, (bias, kernel, h0, result[0], *factors)
-
-
-def _recurrence_bwd(residuals, cotangents):
-  bias, kernel, h0, outputs, gate_factors, cell_factor, forget = residuals
-  d_outputs, dh_final, dc_final = cotangents
-
-  # As in the forward pass, step t's pre-activation gradient overwrites its gate factors, read just before.
-  def step(carry: tuple[jax.Array, ...], xs: tuple) -> tuple[tuple[jax.Array, ...], None]:
-    dh, dc, rows = carry
-    t, d_out, cell_factor_t, forget_t = xs
-    dh = dh + d_out.astype(jnp.float32)
-    dc = dc + dh * cell_factor_t
-    d_pre = jnp.concatenate([dc, dc, dc, dh], axis=-1) * jax.lax.dynamic_index_in_dim(rows, t, keepdims=False)
-    rows = jax.lax.dynamic_update_index_in_dim(rows, d_pre, t, 0)
-    # The matmul reads d_pre back from the buffer, so that nothing reads the overwritten factors after
-    # the write: otherwise XLA may recompute d_pre from them in another fusion and copy the buffer.
-    d_pre = jax.lax.dynamic_index_in_dim(rows, t, keepdims=False).astype(kernel.dtype)
-    dh_prev = jnp.dot(d_pre, kernel_t, preferred_element_type=jnp.float32)
-    return (dh_prev, dc * forget_t, rows), None
-
-  kernel_t = kernel.T  # Transposed once, so that the loop's matmul reads both operands row-major.
-  (dh0, dc0, d_pre), _ = jax.lax.scan(
-      step, (dh_final, dc_final, gate_factors), (jnp.arange(outputs.shape[0]), d_outputs, cell_factor, forget),
-      reverse=True)
-  # Step t's recurrent input is output t - 1 (h0 for t = 0).
-  h_prev = jnp.concatenate([h0[None].astype(outputs.dtype), outputs[:-1]]).reshape(-1, outputs.shape[-1])
-  flat_d_pre = d_pre.reshape(-1, d_pre.shape[-1])
-  d_kernel = jnp.dot(h_prev.T, flat_d_pre.astype(outputs.dtype), preferred_element_type=jnp.float32)
-  d_bias = jnp.sum(flat_d_pre, axis=0, dtype=jnp.float32)
-  return d_pre, d_bias.astype(bias.dtype), d_kernel.astype(kernel.dtype), dh0.astype(h0.dtype), dc0
-
-
-_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+  final, outputs = jax.lax.scan(step, state, projected)
+  return outputs, final
 
 
 class LSTMLayer(nnx.Module):
   """One unidirectional LSTM layer whose input projection runs over all time steps at once.
 
-  Only the recurrent matmul stays inside `lax.scan`, which keeps the sequential part lean on every
-  backend; a custom backward pass keeps it lean in training too (see `_recurrence`). Gates are
-  ordered input, forget, cell, output; the cell state is kept in float32.
+  Only the recurrent matmul stays inside the loop over time: `scan_recurrence`, or with
+  `recurrence="fused"` the CPU kernel `fused_lstm.recurrence` (same results, a hand-written backward
+  pass). Gates are ordered input, forget, cell, output; the cell state is kept in float32.
   """
 
-  def __init__(self, in_features: int, hidden: int, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, in_features: int, hidden: int, *, recurrence: str = "fused", dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs):
+    if recurrence not in ("scan", "fused"):
+      raise ValueError(f"an LSTMLayer runs scan or fused, not {recurrence!r}")
+    self.recurrence = recurrence
     self.hidden = hidden
     self.dtype = dtype
     self.input_proj = nnx.Linear(in_features, 4 * hidden, dtype=dtype, param_dtype=param_dtype,
@@ -233,25 +133,15 @@ class LSTMLayer(nnx.Module):
     `project` or `project_embedded`."""
     if projected.shape[0] == 0:  # Nothing to read (a one-event primer): the state stays as it is.
       return jnp.zeros((0, projected.shape[1], self.hidden), self.dtype), state
-    outputs, h, c = _recurrence(projected, self.input_proj.bias.value.astype(self.dtype),
-                                self.recurrent_kernel.value.astype(self.dtype), state.h, state.c)
+    bias, kernel = self.input_proj.bias.value.astype(self.dtype), self.recurrent_kernel.value.astype(self.dtype)
+    if self.recurrence == "scan":
+      return scan_recurrence(projected, bias, kernel, state)
+    outputs, h, c = fused_lstm.recurrence(projected, bias, kernel, state.h, state.c)
     return outputs, LSTMState(h, c)
 
-
-def byte_dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-  """Inverted dropout whose keep decisions are random bytes, four from each random 32-bit word.
-
-  Random-number generation dominated the heads' cost with `jax.random.bernoulli` (one word per
-  element, regenerated again in the backward pass); bytes need a quarter of the words on every
-  backend. The rate is rounded to a multiple of 1/256.
-  """
-  threshold = round(rate * 256)
-  if threshold == 0:
-    return x
-  words = jax.random.bits(key, (-(-x.size // 4),), jnp.uint32)
-  randoms = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:x.size].reshape(x.shape)
-  scale = jnp.asarray(256 / (256 - threshold), x.dtype)
-  return jnp.where(randoms >= threshold, x * scale, jnp.zeros((), x.dtype))
+  def weights(self) -> cudnn_lstm.LayerWeights:
+    """The input kernel, recurrent kernel and bias, as `cudnn_lstm` takes them."""
+    return self.input_proj.kernel.value, self.recurrent_kernel.value, self.input_proj.bias.value
 
 
 class Head(nnx.Module):
@@ -287,6 +177,8 @@ class MusicLSTM(nnx.Module):
 
   With `isolate_heads` the time and velocity heads read the LSTM features through
   `stop_gradient`, so the trunk learns only from the pitch loss and each head from its own.
+  `config.recurrence` (see `resolve_recurrence`) chooses how the LSTM runs; the parameters are the same
+  for every choice. Under cuDNN the layers hold the parameters and one cuDNN call runs the stack.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -294,10 +186,13 @@ class MusicLSTM(nnx.Module):
       raise ValueError(f"model.inputs must be one of {INPUT_MODES}, not {config.inputs!r}")
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.inputs = config.inputs
+    # Runs saved before model.recurrence existed have none in their config.json.
+    self.recurrence = resolve_recurrence(config.get("recurrence", "auto"), dtype)
     self.embed = nnx.Embed(NUM_PITCHES, config.embed, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     in_features = config.embed + (2 if config.inputs == "pitch+dt+velocity" else 0)
     self.lstm = nnx.List([
-        LSTMLayer(in_features if i == 0 else config.hidden, config.hidden, dtype=dtype,
+        LSTMLayer(in_features if i == 0 else config.hidden, config.hidden,
+                  recurrence="fused" if self.recurrence == "fused" else "scan", dtype=dtype,
                   param_dtype=param_dtype, rngs=rngs)
         for i in range(config.layers)])
     widths = tuple(config.hidden // d for d in config.head_divisors)
@@ -318,6 +213,8 @@ class MusicLSTM(nnx.Module):
                state: tuple[LSTMState, ...]) -> tuple[jax.Array, tuple[LSTMState, ...]]:
     """The top LSTM layer's outputs for `inputs` [batch, time], time-major [time, batch, hidden], and the final
     states. Only the narrow inputs are transposed: the scans read time-major, and the heads take any order."""
+    if self.recurrence == "cudnn":
+      return self.cudnn_features(inputs, state)
     inputs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(inputs))
     extra = continuous_inputs(inputs["dt"], inputs["velocity"]) if self.inputs == "pitch+dt+velocity" else None
     x, first_final = self.lstm[0].run(self.lstm[0].project_embedded(self.embed, inputs["pitch"], extra), state[0])
@@ -326,6 +223,16 @@ class MusicLSTM(nnx.Module):
       x, layer_final = layer(x, layer_state)
       final.append(layer_final)
     return x, tuple(final)
+
+  def cudnn_features(self, inputs: Mapping[str, jax.Array],
+                     state: tuple[LSTMState, ...]) -> tuple[jax.Array, tuple[LSTMState, ...]]:
+    """`features` by one cuDNN call over the whole stack, which reads the batch-major inputs themselves."""
+    x = self.embed(inputs["pitch"])
+    if self.inputs == "pitch+dt+velocity":
+      x = jnp.concatenate([x, continuous_inputs(inputs["dt"], inputs["velocity"]).astype(x.dtype)], -1)
+    outputs, h, c = cudnn_lstm.lstm(x, jnp.stack([s.h for s in state]), jnp.stack([s.c for s in state]),
+                                    [layer.weights() for layer in self.lstm])
+    return jnp.swapaxes(outputs, 0, 1), tuple(LSTMState(*layer_final) for layer_final in zip(h, c))
 
   def heads(self, features: jax.Array, *, isolate_heads: bool,
             rngs: nnx.Rngs | None) -> dict[str, jax.Array]:

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from musicgen_jax import checkpointing, input_pipeline, models, optimizers, store
+from musicgen_jax import checkpointing, cudnn_lstm, input_pipeline, models, optimizers, store
 from musicgen_jax.config import apply_overrides, read_config, save_config
 from musicgen_jax.errors import UserError
 from musicgen_jax.runlock import run_lock
@@ -442,6 +442,9 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = "latest") -> Lo
   if not Path(workdir).is_dir():
     raise UserError(f"run folder {workdir} does not exist: train one with `musicgen train --workdir {workdir}`")
   config = read_config(workdir)
+  if config.model.get("recurrence") == "cudnn" and not cudnn_lstm.platform():
+    # The recurrence changes no parameter: a run trained with cuDNN generates and evaluates anywhere.
+    config = apply_overrides(config, ["model.recurrence=auto"])
   manager = checkpointing.checkpoint_manager(workdir, read_only=True)
   try:
     step = checkpointing.resolve_step(manager, checkpoint)

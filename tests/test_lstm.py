@@ -1,4 +1,5 @@
-"""The LSTM layer against a plain lax.scan LSTM differentiated by autodiff: outputs, states and gradients."""
+"""The LSTM layer, both recurrences (scan, fused), against a plain lax.scan LSTM differentiated by autodiff
+and against each other: outputs, states and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ from flax import nnx
 from musicgen_jax import models
 
 BATCH, TIME, FEATURES, HIDDEN = 3, 7, 5, 8
+LAYER_RECURRENCES = ("scan", "fused")
 
 
 def reference_lstm(params: dict, inputs: jax.Array, h0: jax.Array, c0: jax.Array):
@@ -25,8 +27,9 @@ def reference_lstm(params: dict, inputs: jax.Array, h0: jax.Array, c0: jax.Array
   return jnp.swapaxes(outputs, 0, 1), h, c
 
 
-def layer_and_params(dtype=jnp.float32) -> tuple[models.LSTMLayer, dict]:
-  layer = models.LSTMLayer(FEATURES, HIDDEN, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(params=0))
+def layer_and_params(dtype=jnp.float32, recurrence="fused") -> tuple[models.LSTMLayer, dict]:
+  layer = models.LSTMLayer(FEATURES, HIDDEN, recurrence=recurrence, dtype=dtype, param_dtype=jnp.float32,
+                           rngs=nnx.Rngs(params=0))
   rng = np.random.default_rng(1)
   layer.input_proj.bias.value = jnp.asarray(rng.normal(size=4 * HIDDEN), jnp.float32)
   return layer, nnx.to_pure_dict(nnx.state(layer))
@@ -63,15 +66,17 @@ def weighted_sum(fn):
   return loss
 
 
-def test_outputs_and_final_state_match_the_reference():
-  layer, params = layer_and_params()
+@pytest.mark.parametrize("recurrence", LAYER_RECURRENCES)
+def test_outputs_and_final_state_match_the_reference(recurrence):
+  layer, params = layer_and_params(recurrence=recurrence)
   args = random_arguments()
   for ours, expected in zip(jax.jit(layer_fn(layer))(params, *args), reference_lstm(params, *args)):
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
-def test_gradients_match_autodiff_of_the_reference():
-  layer, params = layer_and_params()
+@pytest.mark.parametrize("recurrence", LAYER_RECURRENCES)
+def test_gradients_match_autodiff_of_the_reference(recurrence):
+  layer, params = layer_and_params(recurrence=recurrence)
   args = random_arguments()
   wrt = (0, 1, 2, 3)
   ours = jax.jit(jax.grad(weighted_sum(layer_fn(layer)), argnums=wrt))(params, *args)
@@ -80,8 +85,9 @@ def test_gradients_match_autodiff_of_the_reference():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, err_msg=name), a, b)
 
 
-def test_single_step_calls_chain_like_one_call():
-  layer, params = layer_and_params()
+@pytest.mark.parametrize("recurrence", LAYER_RECURRENCES)
+def test_single_step_calls_chain_like_one_call(recurrence):
+  layer, params = layer_and_params(recurrence=recurrence)
   inputs, h0, c0 = random_arguments()
   run = jax.jit(layer_fn(layer))
   whole, h_whole, c_whole = run(params, inputs, h0, c0)
@@ -93,9 +99,10 @@ def test_single_step_calls_chain_like_one_call():
   np.testing.assert_allclose(c, c_whole, atol=1e-5)
 
 
+@pytest.mark.parametrize("recurrence", LAYER_RECURRENCES)
 @pytest.mark.parametrize("wrt", [0, 1, 2, 3])
-def test_bfloat16_compute_gradients_stay_close(wrt):
-  layer, params = layer_and_params(jnp.bfloat16)
+def test_bfloat16_compute_gradients_stay_close(wrt, recurrence):
+  layer, params = layer_and_params(jnp.bfloat16, recurrence)
   args = random_arguments()
   outputs, h, c = jax.jit(layer_fn(layer))(params, *args)
   assert outputs.dtype == jnp.bfloat16 and h.dtype == jnp.float32 and c.dtype == jnp.float32
@@ -106,16 +113,13 @@ def test_bfloat16_compute_gradients_stay_close(wrt):
     np.testing.assert_allclose(a, b, atol=0.1 * float(jnp.max(jnp.abs(b))))
 
 
-def test_scan_stacks_16_bit_outputs_unchanged():
-  """The bit-pattern stacking that keeps XLA:CPU from rewriting bfloat16 stacks gives lax.scan's result."""
-  xs = jax.random.normal(jax.random.key(0), (6, 4), jnp.float32)
-
-  def step(carry, x):
-    carry = carry * 0.5 + x
-    return carry, (carry.astype(jnp.bfloat16), carry.astype(jnp.float16), carry)
-
-  expected = jax.lax.scan(step, jnp.zeros(4), xs)
-  ours = jax.jit(lambda xs: models._scan(step, jnp.zeros(4), xs, reverse=False))(xs)
-  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
-    assert got.dtype == want.dtype
-    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+def test_scan_and_fused_give_the_same_outputs_and_gradients():
+  """The readable cell under lax.scan and autodiff, and the CPU kernel with its hand-written backward pass."""
+  args = random_arguments()
+  results = {}
+  for recurrence in LAYER_RECURRENCES:
+    layer, params = layer_and_params(recurrence=recurrence)
+    run = layer_fn(layer)
+    results[recurrence] = (jax.jit(run)(params, *args),
+                           jax.jit(jax.grad(weighted_sum(run), argnums=(0, 1, 2, 3)))(params, *args))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), results["scan"], results["fused"])
