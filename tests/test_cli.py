@@ -1,6 +1,8 @@
 """The command line: every user mistake is one line and exit 2; the menu works through a pipe."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import mido
 import pytest
 
-from musicgen_jax import cli
+from musicgen_jax import cli, cudnn_lstm
 
 
 def write_melody(path: Path, notes: int, seed: int) -> None:
@@ -177,3 +179,22 @@ def test_sigterm_saves_and_exits_cleanly(midi_folder, trained_run, tmp_path):
 
   saved = checkpointing.checkpoint_manager(workdir).latest_step()
   assert saved is not None and saved >= 10 and f"saved step {saved} " in out
+
+
+@pytest.mark.skipif(cudnn_lstm.platform() is not None, reason="checks a machine without cuDNN")
+def test_a_run_moves_between_recurrences(capsys, trained_run, tmp_path):
+  """The recurrence changes no parameter: a run trained with cuDNN generates here, and resumes with
+  another recurrence; asking for cuDNN here is one line."""
+  run = tmp_path / "run"
+  shutil.copytree(trained_run, run)
+  saved = json.loads((run / "config.json").read_text())
+  saved["model"]["recurrence"] = "cudnn"
+  (run / "config.json").write_text(json.dumps(saved))
+  code, _, err = run_cli(capsys, "generate", "--workdir", str(run), "--out", str(tmp_path / "out"), "--num", "2",
+                         "--length", "8", "--quiet")
+  assert code == 0, err
+  code, _, err = run_cli(capsys, "train", "--workdir", str(run), "--quiet", "model.recurrence=cudnn")
+  assert code == 2 and err.count("\n") == 1 and "model.recurrence=cudnn needs a CUDA or ROCm GPU" in err
+  code, _, err = run_cli(capsys, "train", "--workdir", str(run), "--quiet", "model.recurrence=scan", "train.steps=6")
+  assert code == 0, err
+  assert json.loads((run / "config.json").read_text())["model"]["recurrence"] == "scan"

@@ -1,13 +1,15 @@
-"""The model: output shapes, causality, both input modes, and bfloat16 compute."""
+"""The model: output shapes, causality, both input modes, bfloat16 compute, and the recurrence choices."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from musicgen_jax import models
 from musicgen_jax.config import apply_overrides, load_config
+from musicgen_jax.errors import UserError
 
 
 def random_inputs(batch: int, window: int, seed: int = 0) -> dict:
@@ -117,3 +119,39 @@ def test_embedded_projection_by_lookup_matches_the_concatenated_inputs():
   for ours, expected in zip(*(jax.tree.leaves(g) for g in grads)):
     np.testing.assert_allclose(ours, expected, atol=1e-4)
   assert np.any(jax.tree.leaves(grads[0])[0])  # The embedding's gradient, not all zero.
+
+
+def test_recurrences_share_parameters_outputs_and_gradients():
+  """scan and fused build the same parameter tree, and with it give the same outputs and gradients (the
+  window's 200 positions take the first layer's lookup projection)."""
+  scan, fused = tiny_model("model.recurrence=scan"), tiny_model("model.recurrence=fused")
+  assert (scan.recurrence, fused.recurrence) == ("scan", "fused")
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(scan)), nnx.to_pure_dict(nnx.state(fused)))
+  x = random_inputs(4, 50)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(4, 50, 128)), jnp.float32)
+
+  def loss(model: models.MusicLSTM) -> jax.Array:
+    outputs, _ = model(x)
+    return jnp.sum(weights * outputs["pitch_logits"]) + jnp.sum(outputs["dt"])
+
+  for ours, expected in ((scan(x)[0], fused(x)[0]), (nnx.grad(loss)(scan), nnx.grad(loss)(fused))):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), ours, expected)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="auto chooses by backend; this checks the CPU's choice")
+def test_auto_runs_the_fused_kernel_on_a_cpu():
+  for dtype in ("float32", "bfloat16"):
+    model = tiny_model(f"model.dtype={dtype}")
+    assert model.recurrence == "fused" and all(layer.recurrence == "fused" for layer in model.lstm)
+
+
+def test_unknown_recurrence_is_rejected():
+  with pytest.raises(UserError, match="model.recurrence must be one of auto, scan, fused, cudnn, not 'cuda'"):
+    tiny_model("model.recurrence=cuda")
+
+
+def test_a_model_config_saved_before_recurrence_existed_runs_auto():
+  model_config = load_config("tiny").model.to_dict()
+  del model_config["recurrence"]
+  model = models.MusicLSTM(ml_collections.ConfigDict(model_config), rngs=nnx.Rngs(params=0))
+  assert model.recurrence == models.resolve_recurrence("auto", jnp.float32)
