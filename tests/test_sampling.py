@@ -18,13 +18,16 @@ from musicgen_jax.errors import UserError
 LENGTH = 48
 
 
-def tiny_config():
-  return apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8", "sample.release_threshold=0.5"])
+def tiny_config(heads="regression"):
+  return apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8", "sample.release_threshold=0.5",
+                                               f"model.heads={heads}"])
 
 
-def settings(temperature=1.0, top_k=0, top_p=1.0, max_dt=4.0, release_threshold=0.5):
+def settings(temperature=1.0, top_k=0, top_p=1.0, max_dt=4.0, release_threshold=0.5, time_temperature=1.0,
+             velocity_temperature=1.0):
   return sampling.Settings(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(max_dt),
-                           jnp.float32(release_threshold))
+                           jnp.float32(release_threshold), jnp.float32(time_temperature),
+                           jnp.float32(velocity_temperature))
 
 
 @pytest.fixture(scope="module")
