@@ -26,6 +26,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.layers = 2
   config.model.head_divisors = (2, 4)  # Head widths hidden // 2 and hidden // 4, as the original.
   config.model.dropout = 0.1
+  # "distribution": each head a categorical over its sub-event's classes, sampled in generation (pitch,
+  # velocity with 0 = release, dt in `dt_bin` bins up to `dt_max` with dt = 0 a class of its own), each
+  # head reading the sub-events before it in `order`. "regression": the original's point estimates.
+  config.model.heads = "distribution"
+  config.model.order = ("pitch", "velocity", "time")
+  config.model.dt_bin = 0.01  # Seconds.
+  config.model.dt_max = 4.0  # Seconds; longer gaps are drawn this long.
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   config.model.param_dtype = "float32"
   # How the LSTM runs: auto (cudnn on GPUs in float32, fused on CPUs, scan elsewhere), scan, fused or cudnn.

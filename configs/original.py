@@ -11,6 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   with config.unlocked():
     config.data.window = 256
     config.model.inputs = "pitch"
+    config.model.heads = "regression"
     config.model.embed = 8
     config.model.hidden = 512
     config.model.layers = 2

@@ -14,14 +14,15 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from musicgen_jax import cudnn_lstm, fused_lstm
+from musicgen_jax import cudnn_lstm, distributions, fused_lstm
 from musicgen_jax.errors import UserError
 from musicgen_jax.fused_lstm import byte_dropout, dense
 
 NUM_PITCHES = 128
-MAX_VELOCITY = 127.0
+MAX_VELOCITY = distributions.MAX_VELOCITY
 DT_INPUT_SCALE = 0.01  # Seconds; dt inputs are fed as log1p(dt / DT_INPUT_SCALE).
 INPUT_MODES = ("pitch", "pitch+dt+velocity")
+HEAD_MODES = ("regression", "distribution")
 RECURRENCES = ("auto", "scan", "fused", "cudnn")  # model.recurrence: how the LSTM runs, never what it computes.
 
 
@@ -145,27 +146,38 @@ class LSTMLayer(nnx.Module):
 
 
 class Head(nnx.Module):
-  """FC + Dropout + ReLU, FC + Dropout + ReLU, then FC to `out_features`: one head of the original."""
+  """FC + Dropout + ReLU, FC + Dropout + ReLU, then FC to `out_features`: one head of the original.
+
+  A head may read sub-events of the same event besides the features (`condition_classes`, the class
+  count of each): each adds a learned row to the first layer's pre-activation, as a one-hot input would.
+  """
 
   def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
-               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs, condition_classes: tuple[int, ...] = ()):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
         nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.conditions = nnx.List([nnx.Embed(count, widths[0], dtype=dtype, param_dtype=param_dtype,
+                                          embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                                for count in condition_classes])
     # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
     # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
     self.out = nnx.Linear(sizes[-1], out_features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     self.dropout_rate = dropout
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None) -> jax.Array:
-    """Applies the head to `x` [..., features]. All leading axes are folded into one first: with a single
-    row axis the weight gradients are plain matmuls, where with [batch, time] rows XLA made a transposed
-    copy of every hidden gradient (the heads' backward pass took twice as long on CPU)."""
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = ()) -> jax.Array:
+    """Applies the head to `x` [..., features] and the class ids `conditions` (each shaped [...]). All leading
+    axes are folded into one first: with a single row axis the weight gradients are plain matmuls, where
+    with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward pass
+    took twice as long on CPU)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
-    for layer in self.hidden:
+    for depth, layer in enumerate(self.hidden):
       kernel, bias = layer.kernel.value.astype(layer.dtype), layer.bias.value.astype(layer.dtype)
       x = dense(x.astype(layer.dtype), kernel) + bias
+      if depth == 0:
+        for table, ids in zip(self.conditions, conditions):
+          x = x + table(ids.reshape(-1))
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
@@ -173,19 +185,25 @@ class Head(nnx.Module):
 
 
 class MusicLSTM(nnx.Module):
-  """Pitch (and optionally dt and velocity) in; pitch logits, dt (seconds) and velocity / 127 out.
+  """Pitch (and optionally dt and velocity) in; the next event's pitch, dt and velocity out.
 
-  With `isolate_heads` the time and velocity heads read the LSTM features through
-  `stop_gradient`, so the trunk learns only from the pitch loss and each head from its own.
-  `config.recurrence` (see `resolve_recurrence`) chooses how the LSTM runs; the parameters are the same
-  for every choice. Under cuDNN the layers hold the parameters and one cuDNN call runs the stack.
+  `model.heads="regression"` (the original): pitch logits, dt in seconds and velocity / 127, each head
+  reading the LSTM features alone. `"distribution"`: logits over the classes of `distributions` for
+  each sub-event, the heads in `model.order`, each also reading the sub-events before it (the targets
+  in training, the drawn values in generation). With `isolate_heads` the time and velocity heads read
+  the LSTM features through `stop_gradient`, so the trunk learns only from the pitch loss and each head
+  from its own. `model.recurrence` (see `resolve_recurrence`) chooses how the LSTM runs; the parameters
+  are the same for every choice. Under cuDNN the layers hold the parameters and one cuDNN call runs the stack.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     if config.inputs not in INPUT_MODES:
       raise ValueError(f"model.inputs must be one of {INPUT_MODES}, not {config.inputs!r}")
+    if config.heads not in HEAD_MODES:
+      raise ValueError(f"model.heads must be one of {HEAD_MODES}, not {config.heads!r}")
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.inputs = config.inputs
+    self.head_mode = config.heads
     # Runs saved before model.recurrence existed have none in their config.json.
     self.recurrence = resolve_recurrence(config.get("recurrence", "auto"), dtype)
     self.embed = nnx.Embed(NUM_PITCHES, config.embed, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -196,14 +214,22 @@ class MusicLSTM(nnx.Module):
                   param_dtype=param_dtype, rngs=rngs)
         for i in range(config.layers)])
     widths = tuple(config.hidden // d for d in config.head_divisors)
+    regression = config.heads == "regression"
+    self.order = ("pitch", "time", "velocity") if regression else tuple(config.order)
+    if sorted(self.order) != sorted(distributions.SUB_EVENTS):
+      raise ValueError(f"model.order must name each of {distributions.SUB_EVENTS} once, not {config.order!r}")
+    self.time_bins = distributions.time_bins(config)
+    class_counts = {"pitch": NUM_PITCHES, "velocity": distributions.NUM_VELOCITIES, "time": self.time_bins.count}
 
-    def head(out_features: int) -> Head:
-      return Head(config.hidden, widths, out_features, dropout=config.dropout, dtype=dtype,
-                  param_dtype=param_dtype, rngs=rngs)
+    def head(name: str) -> Head:
+      before = () if regression else self.order[:self.order.index(name)]
+      return Head(config.hidden, widths, 1 if regression and name != "pitch" else class_counts[name],
+                  dropout=config.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                  condition_classes=tuple(class_counts[b] for b in before))
 
-    self.pitch_head = head(NUM_PITCHES)
-    self.time_head = head(1)
-    self.velocity_head = head(1)
+    self.pitch_head = head("pitch")
+    self.time_head = head("time")
+    self.velocity_head = head("velocity")
 
   def initial_state(self, batch_size: int) -> tuple[LSTMState, ...]:
     """The zero state of every layer, the state a training window and a generation start from."""
@@ -234,22 +260,40 @@ class MusicLSTM(nnx.Module):
                                     [layer.weights() for layer in self.lstm])
     return jnp.swapaxes(outputs, 0, 1), tuple(LSTMState(*layer_final) for layer_final in zip(h, c))
 
-  def heads(self, features: jax.Array, *, isolate_heads: bool,
+  def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array], *, isolate_heads: bool,
+                  rngs: nnx.Rngs | None) -> jax.Array:
+    """The output of sub-event `name`'s head from the features [..., hidden] and the classes [...] of the
+    sub-events before it in `self.order` (`before` may hold more; only those are read)."""
+    head = {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}[name]
+    x = jax.lax.stop_gradient(features) if isolate_heads and name != "pitch" else features
+    conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
+    return head(x, rngs=rngs, conditions=conditions)
+
+  def heads(self, features: jax.Array, targets: Mapping[str, jax.Array] | None = None, *, isolate_heads: bool,
             rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
-    """The three predictions from LSTM features: `pitch_logits`, `dt` (seconds), `velocity` (/127)."""
-    side = jax.lax.stop_gradient(features) if isolate_heads else features
-    return {
-        "pitch_logits": self.pitch_head(features, rngs=rngs),
-        "dt": self.time_head(side, rngs=rngs)[..., 0],
-        "velocity": self.velocity_head(side, rngs=rngs)[..., 0],
-    }
+    """The heads' outputs at every position of `features`: `pitch_logits` and, in regression mode, `dt`
+    (seconds) and `velocity` (/127), in distribution mode `time_logits` and `velocity_logits`, each head
+    reading the `targets` classes (time-major, like the features) before it."""
+    if self.head_mode == "regression":
+      side = {"isolate_heads": isolate_heads, "rngs": rngs}
+      return {"pitch_logits": self.head_logits("pitch", features, {}, **side),
+              "dt": self.head_logits("time", features, {}, **side)[..., 0],
+              "velocity": self.head_logits("velocity", features, {}, **side)[..., 0]}
+    if targets is None:
+      raise ValueError("distribution heads need the targets to read: pass targets, or draw with sampling")
+    before = distributions.classes(targets, self.time_bins)
+    return {f"{name}_logits": self.head_logits(name, features, before, isolate_heads=isolate_heads, rngs=rngs)
+            for name in self.order}
 
   def __call__(self, inputs: Mapping[str, jax.Array], state: tuple[LSTMState, ...] | None = None, *,
-               isolate_heads: bool = True,
+               targets: Mapping[str, jax.Array] | None = None, isolate_heads: bool = True,
                rngs: nnx.Rngs | None = None) -> tuple[dict[str, jax.Array], tuple[LSTMState, ...]]:
-    """Predicts the next event at every position of `inputs` [batch, time]; dropout only with `rngs`."""
+    """Predicts the next event at every position of `inputs` [batch, time]; dropout only with `rngs`.
+    Distribution heads read the next events `targets` [batch, time] (teacher forcing)."""
     if state is None:
       state = self.initial_state(inputs["pitch"].shape[0])
     features, final = self.features(inputs, state)
-    outputs = self.heads(features, isolate_heads=isolate_heads, rngs=rngs)
+    if targets is not None:
+      targets = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(targets))
+    outputs = self.heads(features, targets, isolate_heads=isolate_heads, rngs=rngs)
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs), final

@@ -170,7 +170,7 @@ def log_samples(run_dir: str | os.PathLike, graphdef: nnx.GraphDef, params: nnx.
 
   from musicgen_jax import sampling
 
-  settings = sampling.make_settings(config.sample)
+  settings = sampling.make_settings(config)
   state, event = sampling.prime_compiled(graphdef, params, None)
   keys = sampling.sequence_keys(config.seed, 0, num)
   batch = jax.device_get(sampling.sample_compiled(graphdef, params, state, event, keys, settings, length))

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from musicgen_jax import models, store
+from musicgen_jax import distributions, models, store
 from musicgen_jax.errors import UserError
 
 START_EVENT = {"pitch": 60, "dt": 0.0, "velocity": 0.0}  # A release of middle C at dt 0.
@@ -56,16 +56,21 @@ class Settings(NamedTuple):
   top_p: jax.Array
   max_dt: jax.Array
   release_threshold: jax.Array
+  time_temperature: jax.Array
+  velocity_temperature: jax.Array
 
 
-def make_settings(sample_config: ml_collections.ConfigDict, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> Settings:
-  """Settings from the pitch options and a config's `sample` group (max_dt, release_threshold)."""
-  if sample_config.release_threshold is None:
+def make_settings(config: ml_collections.ConfigDict, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, time_temperature: float = 1.0, velocity_temperature: float = 1.0) -> Settings:
+  """Settings from the sampling options and a run's config (`sample.max_dt`; `sample.release_threshold`,
+  which only regression heads read)."""
+  threshold = config.sample.release_threshold
+  if threshold is None and config.model.heads == "regression":
     raise UserError("the run's config.json has no sample.release_threshold (training sets it): "
                     "add one, e.g. 32, to its \"sample\" section")
   return Settings(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                  jnp.float32(sample_config.max_dt), jnp.float32(sample_config.release_threshold))
+                  jnp.float32(config.sample.max_dt), jnp.float32(0.0 if threshold is None else threshold),
+                  jnp.float32(time_temperature), jnp.float32(velocity_temperature))
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -131,6 +136,44 @@ def next_event(outputs: Mapping[str, jax.Array], keys: jax.Array, settings: Sett
   }
 
 
+def allowed_classes(name: str, drawn: Mapping[str, jax.Array], sounding: jax.Array, count: int) -> jax.Array:
+  """Which classes [B, count] sub-event `name` may take after the sub-events `drawn` of its event, so that a
+  release names a sounding pitch and an onset a silent one: a pitch drawn after the velocity is among the
+  sounding pitches for a release and the silent ones for an onset; a velocity drawn after the pitch is a
+  release exactly when that pitch sounds; a velocity drawn first is a release only if some pitch sounds
+  and an onset only if some pitch is silent."""
+  rows = jnp.arange(sounding.shape[0])
+  if name == "pitch" and "velocity" in drawn:
+    return jnp.where((drawn["velocity"] == 0)[:, None], sounding, ~sounding)
+  if name == "velocity":
+    release = (jnp.arange(count) == 0)[None]
+    if "pitch" in drawn:
+      return release == sounding[rows, drawn["pitch"]][:, None]
+    return jnp.where(release, jnp.any(sounding, -1, keepdims=True), jnp.any(~sounding, -1, keepdims=True))
+  return jnp.ones((sounding.shape[0], count), bool)
+
+
+def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, settings: Settings,
+               sounding: jax.Array) -> Event:
+  """The event drawn by distribution heads from one position's features [B, hidden]: each sub-event in the
+  model's order from its head given those drawn before it (see `allowed_classes`), pitch with temperature,
+  top-k and top-p, time and velocity with their own temperatures; dt uniform inside its time bin."""
+  sub_keys = jax.vmap(lambda key: jax.random.split(key, len(model.order) + 1))(keys)
+  temperatures = {"time": settings.time_temperature, "velocity": settings.velocity_temperature}
+  drawn = {}
+  for i, name in enumerate(model.order):
+    logits = model.head_logits(name, features, drawn, isolate_heads=False, rngs=None)
+    logits = jnp.where(allowed_classes(name, drawn, sounding, logits.shape[-1]), logits, -jnp.inf)
+    if name == "pitch":
+      drawn[name] = sample_pitch(sub_keys[:, i], logits, settings)
+    else:
+      drawn[name] = categorical(sub_keys[:, i], logits / temperatures[name]).astype(jnp.int32)
+  within_bin = jax.vmap(jax.random.uniform)(sub_keys[:, -1])
+  dt = distributions.dt_of_class(drawn["time"], within_bin, model.time_bins)
+  return {"pitch": drawn["pitch"], "dt": jnp.minimum(dt, settings.max_dt),
+          "velocity": drawn["velocity"].astype(jnp.float32)}
+
+
 def update_sounding(sounding: jax.Array, event: Event) -> jax.Array:
   """Which pitches sound [B, 128] after `event` ([B]): an onset starts its pitch, a release ends it."""
   return sounding.at[jnp.arange(sounding.shape[0]), event["pitch"]].set(event["velocity"] > 0)
@@ -190,8 +233,13 @@ def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array,
 
   def step(carry: tuple[State, Event, jax.Array], t: jax.Array) -> tuple[tuple[State, Event, jax.Array], Event]:
     state, event, sounding = carry
-    outputs, state = model(jax.tree.map(lambda x: x[:, None], event), state)
-    event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings, sounding)
+    inputs = jax.tree.map(lambda x: x[:, None], event)
+    if model.head_mode == "regression":
+      outputs, state = model(inputs, state)
+      event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings, sounding)
+    else:
+      features, state = model.features(inputs, state)
+      event = draw_event(model, features[0], step_keys(keys, t), settings, sounding)
     return (state, event, update_sounding(sounding, event)), event
 
   _, events = jax.lax.scan(step, (state, event, sounding), jnp.arange(length))

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from musicgen_jax import checkpointing, cudnn_lstm, input_pipeline, models, optimizers, store
+from musicgen_jax import checkpointing, cudnn_lstm, distributions, input_pipeline, models, optimizers, store
 from musicgen_jax.config import apply_overrides, read_config, save_config
 from musicgen_jax.errors import UserError
 from musicgen_jax.runlock import run_lock
@@ -61,47 +61,70 @@ def position_weights(window: int, predict_last: int) -> jax.Array:
 
 
 def event_sums(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array],
-               weights: jax.Array) -> dict[str, jax.Array]:
-  """Weighted per-event sums of every loss and metric, so batches and hosts add up exactly."""
-  log_probs = jax.nn.log_softmax(outputs["pitch_logits"])
+               weights: jax.Array, time_bins: distributions.TimeBins | None = None) -> dict[str, jax.Array]:
+  """Weighted per-event sums of every loss and metric, so batches and hosts add up exactly.
+
+  Regression heads (`dt`, `velocity` outputs) sum their L1 and squared errors; distribution heads
+  (`time_logits`, `velocity_logits`, which need `time_bins`) the NLL of each sub-event's class.
+  """
   target_pitch = targets["pitch"].astype(jnp.int32)
-  nll = -jnp.take_along_axis(log_probs, target_pitch[..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(log_probs, axis=-1) == target_pitch).astype(jnp.float32)
-  dt_error = jnp.abs(outputs["dt"] - targets["dt"])
-  velocity_error = jnp.square(outputs["velocity"] - targets["velocity"] / models.MAX_VELOCITY)
+  nll = distributions.class_nll(outputs["pitch_logits"], target_pitch)
+  correct = (jnp.argmax(outputs["pitch_logits"], axis=-1) == target_pitch).astype(jnp.float32)
   weighted = lambda x: jnp.sum(x * weights)
-  return {
-      "events": jnp.sum(weights * jnp.ones_like(nll)),
-      "pitch_nll": weighted(nll),
-      "pitch_correct": weighted(correct),
-      "dt_abs_error": weighted(dt_error),
-      "velocity_sq_error": weighted(velocity_error),
-  }
+  sums = {"events": jnp.sum(weights * jnp.ones_like(nll)), "pitch_nll": weighted(nll),
+          "pitch_correct": weighted(correct)}
+  if "time_logits" in outputs:
+    target = distributions.classes(targets, time_bins)
+    sums["time_nll"] = weighted(distributions.class_nll(outputs["time_logits"], target["time"]))
+    sums["velocity_nll"] = weighted(distributions.class_nll(outputs["velocity_logits"], target["velocity"]))
+    sums["seconds"] = weighted(targets["dt"])
+  else:
+    sums["dt_abs_error"] = weighted(jnp.abs(outputs["dt"] - targets["dt"]))
+    sums["velocity_sq_error"] = weighted(jnp.square(outputs["velocity"] - targets["velocity"] / models.MAX_VELOCITY))
+  return sums
 
 
 def losses_from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """The three training losses (means per scored event) from `event_sums`."""
   events = jnp.maximum(sums["events"], 1.0)
+  if "time_nll" in sums:
+    return {name: sums[f"{name}_nll"] / events for name in LOSSES}
   return {"pitch": sums["pitch_nll"] / events, "time": sums["dt_abs_error"] / events,
           "velocity": sums["velocity_sq_error"] / events}
 
 
 def summarize(sums: Mapping[str, Any]) -> dict[str, float]:
-  """Readable metrics from summed counts: NLL in nats/event, accuracy, dt MAE in ms, velocity RMSE in MIDI units."""
+  """Readable metrics from summed counts: NLLs in nats/event and accuracy; for regression heads dt MAE in ms
+  and velocity RMSE in MIDI units, for distribution heads the total NLL, also in bits per note (two events
+  a note) and bits per second of music."""
   events = max(float(sums["events"]), 1.0)
-  return {
-      "pitch_nll": float(sums["pitch_nll"]) / events,
-      "pitch_accuracy": float(sums["pitch_correct"]) / events,
-      "dt_mae_ms": 1000.0 * float(sums["dt_abs_error"]) / events,
-      "velocity_rmse": models.MAX_VELOCITY * math.sqrt(float(sums["velocity_sq_error"]) / events),
-      "events": int(round(float(sums["events"]))),
-  }
+  metrics = {"pitch_nll": float(sums["pitch_nll"]) / events,
+             "pitch_accuracy": float(sums["pitch_correct"]) / events}
+  if "dt_abs_error" in sums:
+    metrics["dt_mae_ms"] = 1000.0 * float(sums["dt_abs_error"]) / events
+    metrics["velocity_rmse"] = models.MAX_VELOCITY * math.sqrt(float(sums["velocity_sq_error"]) / events)
+  if "time_nll" in sums:
+    metrics.update(likelihood_metrics(float(sums["pitch_nll"]), float(sums["time_nll"]),
+                                      float(sums["velocity_nll"]), events, float(sums["seconds"])))
+  metrics["events"] = int(round(float(sums["events"])))
+  return metrics
 
 
-def zero_metrics() -> dict[str, jax.Array]:
-  """The empty on-device accumulator that `train_step` adds each step's sums into."""
-  sums = {k: jnp.zeros((), jnp.float32) for k in ("events", "pitch_nll", "pitch_correct", "dt_abs_error",
-                                                  "velocity_sq_error", "steps")}
+def likelihood_metrics(pitch_nll: float, time_nll: float, velocity_nll: float, events: float,
+                       seconds: float) -> dict[str, float]:
+  """Per-component and total NLL in nats/event from summed nats, and the total in bits per note and bits
+  per second of music."""
+  total = pitch_nll + time_nll + velocity_nll
+  return {"time_nll": time_nll / events, "velocity_nll": velocity_nll / events, "total_nll": total / events,
+          "bits_per_note": 2.0 * total / events / math.log(2.0),
+          "bits_per_second": total / math.log(2.0) / max(seconds, 1e-9)}
+
+
+def zero_metrics(head_mode: str) -> dict[str, jax.Array]:
+  """The empty on-device accumulator that `train_step` adds each step's sums into, for `model.heads`."""
+  keys = ("time_nll", "velocity_nll", "seconds") if head_mode == "distribution" else ("dt_abs_error",
+                                                                                       "velocity_sq_error")
+  sums = {k: jnp.zeros((), jnp.float32) for k in ("events", "pitch_nll", "pitch_correct", *keys, "steps")}
   sums.update({f"loss_{k}": jnp.zeros((), jnp.float32) for k in LOSSES})
   sums.update({f"first_nonfinite_{k}": jnp.full((), -1, jnp.int32) for k in LOSSES})
   return sums
@@ -115,8 +138,9 @@ def train_step(state: TrainState, metrics: dict[str, jax.Array], batch: Mapping[
 
   def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[dict, dict]]:
     model = nnx.merge(graphdef, params)
-    outputs, _ = model(batch["inputs"], isolate_heads=isolate_heads, rngs=nnx.Rngs(dropout=dropout_key))
-    sums = event_sums(outputs, batch["targets"], weights)
+    outputs, _ = model(batch["inputs"], targets=batch["targets"], isolate_heads=isolate_heads,
+                       rngs=nnx.Rngs(dropout=dropout_key))
+    sums = event_sums(outputs, batch["targets"], weights, model.time_bins)
     losses = losses_from_sums(sums)
     return sum(losses.values()), (sums, losses)
 
@@ -158,8 +182,9 @@ def execution_steps(train_config: ml_collections.ConfigDict) -> int:
 def eval_step(params: nnx.State, batch: Mapping[str, Any], *, graphdef: nnx.GraphDef,
               weights: jax.Array) -> dict[str, jax.Array]:
   """Summed metrics of one evaluation batch, padding rows masked out."""
-  outputs, _ = nnx.merge(graphdef, params)(batch["inputs"])
-  return event_sums(outputs, batch["targets"], weights[None, :] * batch["mask"][:, None])
+  model = nnx.merge(graphdef, params)
+  outputs, _ = model(batch["inputs"], targets=batch["targets"])
+  return event_sums(outputs, batch["targets"], weights[None, :] * batch["mask"][:, None], model.time_bins)
 
 
 def data_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -208,7 +233,7 @@ class Trainer:
                              in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
 
   def zero_metrics(self) -> dict[str, jax.Array]:
-    return jax.device_put(zero_metrics(), self.replicated)
+    return jax.device_put(zero_metrics(self.config.model.heads), self.replicated)
 
   def shard_batch(self, local_batch: Mapping[str, Any], sharding: NamedSharding | None = None) -> Any:
     """Assembles this host's rows of a batch into global arrays sharded along `data`."""
@@ -351,9 +376,9 @@ def restore_latest(manager: Any, trainer: Trainer, train_iter: Any) -> tuple[Tra
 def with_release_threshold(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with `sample.release_threshold` set, if unset, to half the mean onset velocity of the
   training split: the velocity head predicts P(onset) x that mean, so below half of it a release is
-  the likelier event.
+  the likelier event. Only regression heads need it: distribution heads draw releases as a velocity class.
   """
-  if config.sample.release_threshold is not None:
+  if config.sample.release_threshold is not None or config.model.heads != "regression":
     return config
   velocity = np.asarray(store.open_split(config.data.dir, "train").events.velocity)
   threshold = 0.5 * float(velocity[velocity > 0].mean())

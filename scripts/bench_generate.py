@@ -1,11 +1,13 @@
 """Generation throughput: events/s of the jitted sampling scan against the original's loop and PyTorch.
 
 After compile, at each batch size B, three loops sample from the same model shapes (the config's):
-  * jax scan: `sampling.sample_compiled`, one `lax.scan` carrying every layer's (h, c), B sequences;
+  * jax scan: `sampling.sample_compiled`, one `lax.scan` carrying every layer's (h, c), B sequences,
+    with the config's heads (`model.heads`);
   * original: the original's loop in JAX, batch 1: the whole last window (data.window events) re-run
-    from the zero state to produce each 4 new events, the predictions at its last 4 positions;
-  * torch: a stateful PyTorch loop (nn.LSTM + the same heads, (h, c) carried, inference mode) at B,
-    when torch is importable.
+    from the zero state to produce each 4 new events, the predictions at its last 4 positions, with
+    the original's regression heads;
+  * torch: a stateful PyTorch loop (nn.LSTM + the original's regression heads, (h, c) carried,
+    inference mode) at B, when torch is importable.
 Parameters are random (speed does not depend on them). Each loop runs for about --seconds, in
 --rounds interleaved rounds whose best rate is kept.
 
@@ -156,11 +158,14 @@ def main() -> None:
   args = parser.parse_args()
   config = apply_overrides(load_config(args.config), ["sample.release_threshold=32.0", *args.overrides])
   graphdef, state = train.create_train_state(config)
-  settings = sampling.make_settings(config.sample)
+  settings = sampling.make_settings(config)
+  regression = apply_overrides(config, ["model.heads=regression"])
+  regression_graphdef, regression_state = train.create_train_state(regression)
   has_torch = torch_available()
   load_before = os.getloadavg()[0]
 
-  original = best_rates({"original": (original_loop(graphdef, state.params, settings, config.data.window),
+  original = best_rates({"original": (original_loop(regression_graphdef, regression_state.params, settings,
+                                                    config.data.window),
                                       ORIGINAL_EVENTS_PER_CALL)}, args.seconds, args.rounds)["original"]
   rows = []
   for batch in args.batch_sizes:
@@ -174,7 +179,8 @@ def main() -> None:
     rows.append({"batch": batch, "torch": None, **best_rates(loops, args.seconds, args.rounds),
                  "first_call_s": first_call_s})
 
-  print(f"{config.model.layers} x {config.model.hidden} LSTM ({args.config}), {args.length} events per call, "
+  print(f"{config.model.layers} x {config.model.hidden} LSTM ({args.config}, {config.model.heads} heads), "
+        f"{args.length} events per call, "
         f"original: batch 1, window {config.data.window}, {ORIGINAL_EVENTS_PER_CALL} events per call")
   print(f"{'B':>5} {'jax scan ev/s':>14} {'torch ev/s':>11} {'jax/original':>13} {'jax/torch':>10}")
   for row in rows:
@@ -183,7 +189,7 @@ def main() -> None:
     print(f"{row['batch']:>5} {row['jax_scan']:>14.0f} {torch_text} {row['jax_scan'] / original:>12.1f}x {ratio_text}")
   print(f"original loop (B=1): {original:.0f} ev/s")
   print(json.dumps({
-      "config": args.config, "overrides": args.overrides, "hidden": config.model.hidden,
+      "config": args.config, "overrides": args.overrides, "heads": config.model.heads, "hidden": config.model.hidden,
       "layers": config.model.layers, "length": args.length, "original_events_per_s": round(original),
       "rows": [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in rows],
       "backend": jax.default_backend(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

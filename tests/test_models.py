@@ -26,18 +26,70 @@ def tiny_model(*overrides: str) -> models.MusicLSTM:
   return models.MusicLSTM(config.model, rngs=nnx.Rngs(params=0))
 
 
+TARGETS = random_inputs(3, 12, seed=5)  # The next events that distribution heads read (teacher forcing).
+
+
+def predict(model: models.MusicLSTM, x: dict, state=None, **kwargs) -> tuple[dict, tuple]:
+  """The model over `x` with the first positions of TARGETS as the next events."""
+  batch, window = x["pitch"].shape
+  return model(x, state, targets=jax.tree.map(lambda t: t[:batch, :window], TARGETS), **kwargs)
+
+
 @pytest.mark.parametrize("inputs", models.INPUT_MODES)
-def test_output_shapes(inputs):
-  model = tiny_model(f"model.inputs={inputs}", "model.layers=3")
-  outputs, state = model(random_inputs(3, 7))
+@pytest.mark.parametrize("heads", models.HEAD_MODES)
+def test_output_shapes(inputs, heads):
+  model = tiny_model(f"model.inputs={inputs}", "model.layers=3", f"model.heads={heads}")
+  outputs, state = predict(model, random_inputs(3, 7))
   assert outputs["pitch_logits"].shape == (3, 7, 128)
-  assert outputs["dt"].shape == (3, 7)
-  assert outputs["velocity"].shape == (3, 7)
+  if heads == "regression":
+    assert outputs["dt"].shape == (3, 7)
+    assert outputs["velocity"].shape == (3, 7)
+  else:
+    assert outputs["time_logits"].shape == (3, 7, 401)  # dt = 0, then 10 ms bins up to 4 s.
+    assert outputs["velocity_logits"].shape == (3, 7, 128)
   assert len(state) == 3 and state[0].h.shape == (3, 64)
 
 
+def test_regression_heads_ignore_the_targets():
+  model = tiny_model("model.heads=regression")
+  x = random_inputs(2, 6)
+  with_targets, _ = predict(model, x)
+  without, _ = model(x)
+  for key in without:
+    np.testing.assert_array_equal(with_targets[key], without[key])
+
+
+def test_distribution_heads_need_targets_outside_sampling():
+  with pytest.raises(ValueError, match="targets"):
+    tiny_model()(random_inputs(1, 3))
+
+
+@pytest.mark.parametrize("order", ["pitch,velocity,time", "time,pitch,velocity", "velocity,pitch,time"])
+def test_each_head_reads_exactly_the_sub_events_before_it(order):
+  model = tiny_model(f"model.order={tuple(order.split(','))!r}")
+  x = random_inputs(2, 6)
+  targets = jax.tree.map(lambda t: t[:2, :6], TARGETS)
+  base, _ = model(x, targets=targets)
+  changes = {"pitch": dict(targets, pitch=(targets["pitch"] + 7) % 128),
+             "velocity": dict(targets, velocity=(targets["velocity"] + 40) % 128),
+             "time": dict(targets, dt=targets["dt"] + 1.0)}
+  names = order.split(",")
+  for changed in names:
+    outputs, _ = model(x, targets=changes[changed])
+    for reader in names:
+      same = np.array_equal(outputs[f"{reader}_logits"], base[f"{reader}_logits"])
+      assert same == (names.index(reader) <= names.index(changed)), (changed, reader)
+
+
+@pytest.mark.parametrize("override, message", [("model.heads=mixture", "model.heads"),
+                                               ("model.order=('pitch', 'time')", "model.order")])
+def test_unknown_head_settings_are_rejected(override, message):
+  with pytest.raises(ValueError, match=message):
+    tiny_model(override)
+
+
 def test_head_widths_follow_the_original():
-  model = tiny_model("model.hidden=128")
+  model = tiny_model("model.hidden=128", "model.heads=regression")
   assert [layer.kernel.value.shape for layer in model.pitch_head.hidden] == [(128, 64), (64, 32)]
   assert model.time_head.out.kernel.value.shape == (32, 1)
 
@@ -49,8 +101,8 @@ def test_causal_outputs_before_a_change_are_unchanged(inputs):
   t = 5
   changed = dict(x, pitch=x["pitch"].at[:, t].set((x["pitch"][:, t] + 1) % 128),
                  dt=x["dt"].at[:, t].add(0.5), velocity=x["velocity"].at[:, t].set(0.0))
-  before, _ = model(x)
-  after, _ = model(changed)
+  before, _ = predict(model, x)
+  after, _ = predict(model, changed)
   for key in before:
     np.testing.assert_array_equal(before[key][:, :t], after[key][:, :t])
     assert not np.allclose(before[key][:, t:], after[key][:, t:])
@@ -59,17 +111,18 @@ def test_causal_outputs_before_a_change_are_unchanged(inputs):
 def test_pitch_only_model_ignores_dt_and_velocity():
   model = tiny_model("model.inputs=pitch")
   x = random_inputs(2, 6)
-  a, _ = model(x)
-  b, _ = model(dict(x, dt=x["dt"] * 3, velocity=x["velocity"] * 0))
+  a, _ = predict(model, x)
+  b, _ = predict(model, dict(x, dt=x["dt"] * 3, velocity=x["velocity"] * 0))
   np.testing.assert_array_equal(a["pitch_logits"], b["pitch_logits"])
 
 
 def test_state_carries_across_calls_like_one_long_call():
   model = tiny_model()
   x = random_inputs(2, 10)
-  whole, _ = model(x)
-  first, state = model(jax.tree.map(lambda a: a[:, :4], x))
-  second, _ = model(jax.tree.map(lambda a: a[:, 4:], x), state)
+  targets = jax.tree.map(lambda t: t[:2, :10], TARGETS)
+  whole, _ = model(x, targets=targets)
+  first, state = model(jax.tree.map(lambda a: a[:, :4], x), targets=jax.tree.map(lambda a: a[:, :4], targets))
+  second, _ = model(jax.tree.map(lambda a: a[:, 4:], x), state, targets=jax.tree.map(lambda a: a[:, 4:], targets))
   np.testing.assert_allclose(jnp.concatenate([first["pitch_logits"], second["pitch_logits"]], 1),
                              whole["pitch_logits"], atol=1e-5)
 
@@ -77,18 +130,18 @@ def test_state_carries_across_calls_like_one_long_call():
 def test_dropout_only_with_rngs():
   model = tiny_model("model.dropout=0.5")
   x = random_inputs(2, 5)
-  a, _ = model(x)
-  b, _ = model(x)
-  c, _ = model(x, rngs=nnx.Rngs(dropout=1))
-  np.testing.assert_array_equal(a["dt"], b["dt"])
-  assert not np.allclose(a["dt"], c["dt"])
+  a, _ = predict(model, x)
+  b, _ = predict(model, x)
+  c, _ = predict(model, x, rngs=nnx.Rngs(dropout=1))
+  np.testing.assert_array_equal(a["time_logits"], b["time_logits"])
+  assert not np.allclose(a["time_logits"], c["time_logits"])
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs_close():
   x = random_inputs(2, 8)
-  full, _ = tiny_model()(x)
+  full, _ = predict(tiny_model(), x)
   half_model = tiny_model("model.dtype=bfloat16")
-  half, _ = half_model(x)
+  half, _ = predict(half_model, x)
   assert half_model.lstm[0].recurrent_kernel.value.dtype == jnp.float32
   assert half["pitch_logits"].dtype == jnp.float32
   np.testing.assert_allclose(half["pitch_logits"], full["pitch_logits"], atol=0.1)
@@ -127,15 +180,16 @@ def test_recurrences_share_parameters_outputs_and_gradients():
   scan, fused = tiny_model("model.recurrence=scan"), tiny_model("model.recurrence=fused")
   assert (scan.recurrence, fused.recurrence) == ("scan", "fused")
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(scan)), nnx.to_pure_dict(nnx.state(fused)))
-  x = random_inputs(4, 50)
-  weights = jnp.asarray(np.random.default_rng(1).normal(size=(4, 50, 128)), jnp.float32)
+  x, targets = random_inputs(4, 50), random_inputs(4, 50, seed=1)
 
   def loss(model: models.MusicLSTM) -> jax.Array:
-    outputs, _ = model(x)
-    return jnp.sum(weights * outputs["pitch_logits"]) + jnp.sum(outputs["dt"])
+    outputs, _ = model(x, targets=targets)
+    return sum(jnp.sum(jnp.sin(output)) for output in outputs.values())
 
-  for ours, expected in ((scan(x)[0], fused(x)[0]), (nnx.grad(loss)(scan), nnx.grad(loss)(fused))):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), ours, expected)
+  for ours, expected in ((scan(x, targets=targets)[0], fused(x, targets=targets)[0]),
+                         (nnx.grad(loss)(scan), nnx.grad(loss)(fused))):
+    # Head gradients reach several hundred here: 1e-5 relative, as well as absolute.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), ours, expected)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="auto chooses by backend; this checks the CPU's choice")

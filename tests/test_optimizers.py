@@ -22,15 +22,17 @@ def random_batch(config, seed: int = 0) -> dict:
   return {"inputs": random_inputs(b, t, seed), "targets": random_inputs(b, t, seed + 1)}
 
 
-def side_loss_grads(isolation: str) -> nnx.State:
+def side_loss_grads(isolation: str, heads: str) -> nnx.State:
   """Gradients of the time + velocity losses with respect to every parameter."""
-  config = tiny_config(f"train.isolation={isolation}")
+  config = tiny_config(f"train.isolation={isolation}", f"model.heads={heads}")
   graphdef, state = train.create_train_state(config)
   batch = random_batch(config)
 
   def side_loss(params):
-    outputs, _ = nnx.merge(graphdef, params)(batch["inputs"], isolate_heads=isolation == "strict")
-    losses = train.losses_from_sums(train.event_sums(outputs, batch["targets"], jnp.ones(config.data.window)))
+    model = nnx.merge(graphdef, params)
+    outputs, _ = model(batch["inputs"], targets=batch["targets"], isolate_heads=isolation == "strict")
+    sums = train.event_sums(outputs, batch["targets"], jnp.ones(config.data.window), model.time_bins)
+    losses = train.losses_from_sums(sums)
     return losses["time"] + losses["velocity"]
 
   return jax.grad(side_loss)(state.params)
@@ -49,15 +51,18 @@ def test_labels_partition_the_parameters():
                     "time_head": "time", "velocity_head": "velocity"}
 
 
-def test_strict_isolation_keeps_side_losses_out_of_the_trunk():
-  grads = side_loss_grads("strict")
+@pytest.mark.parametrize("heads", ["regression", "distribution"])
+def test_strict_isolation_keeps_side_losses_out_of_the_trunk(heads):
+  grads = side_loss_grads("strict", heads)
   trunk = leaves_under(grads, TRUNK + ("pitch_head",))
   assert trunk and all(np.all(np.asarray(g) == 0) for g in trunk)
-  assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads["time_head"]))
+  for head in ("time_head", "velocity_head"):
+    assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads[head]))
 
 
-def test_joint_training_lets_side_losses_reach_the_trunk():
-  grads = side_loss_grads("joint")
+@pytest.mark.parametrize("heads", ["regression", "distribution"])
+def test_joint_training_lets_side_losses_reach_the_trunk(heads):
+  grads = side_loss_grads("joint", heads)
   assert all(np.any(np.asarray(g) != 0) for g in leaves_under(grads, TRUNK))
 
 
@@ -68,7 +73,7 @@ def test_zero_pitch_learning_rate_leaves_the_trunk_bit_identical(isolation):
                        "train.optimizers.time.warmup_steps=0")
   trainer = train.Trainer(config)
   before = jax.tree.map(np.array, trainer.initial_state.params)
-  state, _ = trainer.train_step(trainer.initial_state, train.zero_metrics(), random_batch(config))
+  state, _ = trainer.train_step(trainer.initial_state, train.zero_metrics(config.model.heads), random_batch(config))
   for name in ("embed", "lstm", "pitch_head"):
     for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(state.params[name])):
       np.testing.assert_array_equal(a, np.asarray(b))

@@ -9,22 +9,26 @@ import note_seq
 import numpy as np
 import pretty_midi
 import pytest
+import scipy.stats
 from flax import nnx
 
-from musicgen_jax import checkpointing, events, sampling, store, train
+from musicgen_jax import checkpointing, distributions, events, models, sampling, store, train
 from musicgen_jax.config import apply_overrides, load_config, save_config
 from musicgen_jax.errors import UserError
 
 LENGTH = 48
 
 
-def tiny_config():
-  return apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8", "sample.release_threshold=0.5"])
+def tiny_config(heads="regression"):
+  return apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8", "sample.release_threshold=0.5",
+                                               f"model.heads={heads}"])
 
 
-def settings(temperature=1.0, top_k=0, top_p=1.0, max_dt=4.0, release_threshold=0.5):
+def settings(temperature=1.0, top_k=0, top_p=1.0, max_dt=4.0, release_threshold=0.5, time_temperature=1.0,
+             velocity_temperature=1.0):
   return sampling.Settings(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(max_dt),
-                           jnp.float32(release_threshold))
+                           jnp.float32(release_threshold), jnp.float32(time_temperature),
+                           jnp.float32(velocity_temperature))
 
 
 @pytest.fixture(scope="module")
@@ -373,3 +377,54 @@ def test_primer_length_defaults_to_a_cap(primer_file, monkeypatch):
   monkeypatch.setattr(sampling, "DEFAULT_PRIMER_EVENTS", 5)
   assert len(sampling.read_primer(primer_file, None, True)) == 5
   assert len(sampling.read_primer(primer_file, 7, True)) == 7
+
+
+def distribution_model(order: str, seed: int = 0):
+  """A tiny distribution-head model whose output layers are scaled up, so that every head is far from uniform."""
+  config = apply_overrides(tiny_config("distribution"), [f"model.order={tuple(order.split(','))!r}"])
+  model = models.MusicLSTM(config.model, rngs=nnx.Rngs(params=seed))
+  for head in (model.pitch_head, model.time_head, model.velocity_head):
+    head.out.kernel.value = head.out.kernel.value * 30.0
+  return config, model
+
+
+@pytest.mark.parametrize("order", ["pitch,velocity,time", "velocity,time,pitch"])
+def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order):
+  config, model = distribution_model(order)
+  rows = 6000
+  rng = np.random.default_rng(0)
+  features = jnp.asarray(np.repeat(rng.normal(size=(3, 32)), rows // 3, axis=0), jnp.float32)
+  sounding = jnp.asarray(rng.random((rows, 128)) < np.repeat([0.0, 0.05, 0.5], rows // 3)[:, None])
+  drawn_settings = settings(time_temperature=0.7, velocity_temperature=1.5)
+  event = sampling.draw_event(model, features, sampling.sequence_keys(1, 0, rows), drawn_settings, sounding)
+  drawn = distributions.classes(event, model.time_bins)
+  temperatures = {"pitch": 1.0, "time": 0.7, "velocity": 1.5}
+  # Randomized probability integral transform: uniform on [0, 1) exactly when each class is drawn with
+  # the modelled probability given the sub-events before it.
+  for name in model.order:
+    logits = model.head_logits(name, features, drawn, isolate_heads=False, rngs=None)
+    allowed = sampling.allowed_classes(name, drawn, sounding, logits.shape[-1])
+    probs = np.asarray(jax.nn.softmax(jnp.where(allowed, logits / temperatures[name], -jnp.inf)), np.float64)
+    k = np.asarray(drawn[name])
+    assert np.all(probs[np.arange(rows), k] > 0)
+    below = np.cumsum(probs, -1)[np.arange(rows), k] - probs[np.arange(rows), k]
+    uniform = below + rng.random(rows) * probs[np.arange(rows), k]
+    assert scipy.stats.kstest(uniform, "uniform").pvalue > 0.001, name
+
+
+@pytest.mark.parametrize("order", ["pitch,velocity,time", "velocity,pitch,time", "time,pitch,velocity"])
+def test_distribution_heads_release_only_sounding_pitches_and_strike_only_silent_ones(order):
+  config, model = distribution_model(order, seed=3)
+  graphdef, params = nnx.split(model, nnx.Param)
+  start_state, event = sampling.start(model)
+  sampled = sampling.sample_compiled(graphdef, params, start_state, event, sampling.sequence_keys(2, 0, 4),
+                                     settings(), 300)
+  releases = 0
+  for row in range(4):
+    sounding = np.zeros(128, bool)
+    for pitch, velocity in zip(sampled["pitch"][row], sampled["velocity"][row]):
+      assert sounding[pitch] != (velocity > 0)
+      sounding[pitch] = velocity > 0
+      releases += velocity == 0
+  assert releases > 0
+  assert np.all(np.asarray(sampled["dt"]) <= 4.0) and np.all(np.asarray(sampled["dt"]) >= 0.0)

@@ -1,0 +1,110 @@
+"""The classes of the "distribution" heads and the exact likelihoods on them.
+
+Each sub-event of an event is a categorical variable: the pitch (128 classes), the velocity (128
+classes, class 0 a release) and dt in time bins. Time class 0 is dt exactly 0, the point mass of
+chords and of releases under one pedal lift; class k >= 1 is the interval ((k - 1) * bin, k * bin]
+seconds and the last class also holds every longer gap (censored at `dt_max`). Generation draws dt
+uniformly inside its bin, so the model is a proper distribution over seconds at that resolution.
+
+The point heads of `"regression"` mode get likelihoods on the same classes, so both modes compare on
+one scale: dt as a Laplace around the predicted dt (mass below 0 on class 0, above the last edge on
+the last class) and velocity as a Gaussian around the predicted velocity, rounded to the nearest
+integer; each with the scale fitted on the data it is scored on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.scipy.special import log_ndtr
+
+NUM_VELOCITIES = 128  # Velocity classes 0 (a release) to 127.
+MAX_VELOCITY = 127.0
+SUB_EVENTS = ("pitch", "velocity", "time")
+
+
+class TimeBins(NamedTuple):
+  """Time classes: 0 is dt = 0, k >= 1 is ((k - 1) * width, k * width] seconds; `count` classes in all."""
+
+  width: float
+  count: int
+
+  @property
+  def max_dt(self) -> float:
+    """The upper edge of the last bin: longer gaps are drawn as this long."""
+    return (self.count - 1) * self.width
+
+
+def time_bins(model_config: ml_collections.ConfigDict) -> TimeBins:
+  """The time classes of a model config: `model.dt_bin` wide up to `model.dt_max` seconds."""
+  return TimeBins(float(model_config.dt_bin), 1 + math.ceil(round(model_config.dt_max / model_config.dt_bin, 6)))
+
+
+def time_class(dt: jax.Array, bins: TimeBins) -> jax.Array:
+  """The time class of `dt` seconds: 0 for dt <= 0, else the bin holding it, longer gaps in the last."""
+  return jnp.clip(jnp.ceil(dt / bins.width), 0, bins.count - 1).astype(jnp.int32)
+
+
+def dt_of_class(time_class_: jax.Array, uniform: jax.Array, bins: TimeBins) -> jax.Array:
+  """dt in seconds drawn in a time class from `uniform` in [0, 1): exactly 0 for class 0."""
+  return jnp.where(time_class_ > 0, (time_class_ - uniform) * bins.width, 0.0).astype(jnp.float32)
+
+
+def velocity_class(velocity: jax.Array) -> jax.Array:
+  """The velocity class of a velocity in MIDI units: rounded into 0-127, 0 a release."""
+  return jnp.clip(jnp.round(velocity), 0, NUM_VELOCITIES - 1).astype(jnp.int32)
+
+
+def classes(events: dict[str, jax.Array], bins: TimeBins) -> dict[str, jax.Array]:
+  """Each sub-event's class of `events` (pitch, dt, velocity), keyed by sub-event name."""
+  return {"pitch": events["pitch"].astype(jnp.int32), "velocity": velocity_class(events["velocity"]),
+          "time": time_class(events["dt"], bins)}
+
+
+def class_nll(logits: jax.Array, target: jax.Array) -> jax.Array:
+  """-log p(target) under the categorical `logits` [..., V], in nats."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
+
+
+def _log_diff(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+  """log(exp(log_a) - exp(log_b)) for log_a >= log_b, without cancellation when the two are close."""
+  return log_a + jnp.log(-jnp.expm1(jnp.minimum(log_b - log_a, -1e-30)))
+
+
+def _interval_log_mass(log_cdf, lower: jax.Array, upper: jax.Array) -> jax.Array:
+  """log P(lower < X <= upper) of a symmetric distribution about 0 given its log CDF; -inf/inf edges allowed.
+
+  Intervals above 0 are measured in the upper tail (log CDF of -x), where the CDF is close to 1.
+  """
+  upper_tail = lower > 0
+  a = jnp.where(upper_tail, log_cdf(-lower), log_cdf(upper))
+  b = jnp.where(upper_tail, log_cdf(-upper), log_cdf(lower))
+  return _log_diff(a, b)
+
+
+def _laplace_log_cdf(z: jax.Array) -> jax.Array:
+  """log CDF of the standard Laplace distribution."""
+  return jnp.where(z < 0, z - math.log(2.0), jnp.log1p(-0.5 * jnp.exp(-jnp.abs(z))))
+
+
+def laplace_time_nll(predicted_dt: jax.Array, target_class: jax.Array, scale: jax.Array,
+                     bins: TimeBins) -> jax.Array:
+  """-log P(time class) of a Laplace(predicted_dt, scale) in seconds, censored at 0 and at the last bin."""
+  k = target_class.astype(jnp.float32)
+  lower = jnp.where(target_class == 0, -jnp.inf, (k - 1.0) * bins.width)
+  upper = jnp.where(target_class == 0, 0.0, jnp.where(target_class == bins.count - 1, jnp.inf, k * bins.width))
+  return -_interval_log_mass(_laplace_log_cdf, (lower - predicted_dt) / scale, (upper - predicted_dt) / scale)
+
+
+def gaussian_velocity_nll(predicted_velocity: jax.Array, target_class: jax.Array, sigma: jax.Array) -> jax.Array:
+  """-log P(velocity class) of a Gaussian(predicted_velocity, sigma) in MIDI units, rounded to the nearest
+  class and censored at 0 and 127."""
+  v = target_class.astype(jnp.float32)
+  lower = jnp.where(target_class == 0, -jnp.inf, v - 0.5)
+  upper = jnp.where(target_class == NUM_VELOCITIES - 1, jnp.inf, v + 0.5)
+  return -_interval_log_mass(log_ndtr, (lower - predicted_velocity) / sigma, (upper - predicted_velocity) / sigma)
