@@ -4,8 +4,9 @@ Runs the real `Trainer.train_steps` as the training loop does (three optimizers,
 `train.execution_steps` steps per call) on batches shaped like the config's, so that the steps alone
 are measured; `scripts/bench_data.py` measures the input pipeline.
 In the same process it measures the GEMM roof with jax (a 2048^3 matmul of the model's compute
-dtype, accumulated in float32) and a plain PyTorch model of the same shapes (nn.LSTM, the same three
-heads, Adam, the same isolation; under bfloat16 autocast when `model.dtype=bfloat16`), and
+dtype, accumulated in float32) and a plain PyTorch model of the same shapes (`torch_reference.py`:
+nn.LSTM, the original's three heads, Adam, the same isolation; under bfloat16 autocast when
+`model.dtype=bfloat16`), and
 reports events/s, model FLOPs utilisation (one training event ~ 3x its forward matmul FLOPs) and
 the ratio to PyTorch. Rounds alternate jax and PyTorch and the best of each is kept, so that a
 burst of load from other processes hurts both alike; the load average is printed with the figures.
@@ -30,24 +31,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from musicgen_jax import models, train
 from musicgen_jax.config import apply_overrides, load_config
+from torch_reference import TorchStep, synthetic_batch
 
 GEMM_SIZE = 2048
-
-
-def synthetic_batch(batch_size: int, window: int, seed: int = 0) -> dict:
-  """A batch with the pipeline's layout and dtypes, drawn at random."""
-  rng = np.random.default_rng(seed)
-
-  def events() -> dict:
-    return {"pitch": rng.integers(0, 128, (batch_size, window)).astype(np.int32),
-            "dt": rng.exponential(0.1, (batch_size, window)).astype(np.float32),
-            "velocity": rng.integers(0, 128, (batch_size, window)).astype(np.float32)}
-
-  return {"inputs": events(), "targets": events()}
 
 
 def forward_flops_per_event(model: ml_collections.ConfigDict) -> int:
@@ -100,63 +89,6 @@ class JaxStep:
     jax.block_until_ready((self.state, self.metrics))
 
 
-class TorchStep:
-  """The PyTorch reference: the same model shapes, losses, isolation and per-head Adam with clipping."""
-
-  steps_per_call = 1
-
-  def __init__(self, config: ml_collections.ConfigDict, torch: Any):
-    self.torch = torch
-    nn = torch.nn
-    model, self.isolate = config.model, config.train.isolation == "strict"
-    torch.manual_seed(config.seed)
-    self.continuous = model.inputs == "pitch+dt+velocity"
-    self.bfloat16 = model.dtype == "bfloat16"  # Then autocast: float32 parameters, bfloat16 compute, as ours.
-    widths = [model.hidden] + [model.hidden // d for d in model.head_divisors]
-
-    def head(out_features: int) -> Any:
-      layers = []
-      for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.Dropout(model.dropout), nn.ReLU()]
-      return nn.Sequential(*layers, nn.Linear(widths[-1], out_features))
-
-    self.embed = nn.Embedding(models.NUM_PITCHES, model.embed)
-    self.lstm = nn.LSTM(model.embed + (2 if self.continuous else 0), model.hidden, model.layers, batch_first=True)
-    self.heads = {"pitch": head(models.NUM_PITCHES), "time": head(1), "velocity": head(1)}
-    trunk = [*self.embed.parameters(), *self.lstm.parameters(), *self.heads["pitch"].parameters()]
-    groups = {"pitch": trunk, "time": list(self.heads["time"].parameters()),
-              "velocity": list(self.heads["velocity"].parameters())}
-    self.groups = [(params, torch.optim.Adam(params, lr=config.train.optimizers[name].learning_rate),
-                    config.train.optimizers[name].clip_norm) for name, params in groups.items()]
-    batch = synthetic_batch(config.train.batch_size, config.data.window)
-    self.batch = jax.tree.map(torch.from_numpy, batch)
-    self()
-
-  def __call__(self) -> None:
-    with self.torch.autocast("cpu", dtype=self.torch.bfloat16, enabled=self.bfloat16):
-      loss = self.loss()
-    for _, optimizer, _ in self.groups:
-      optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for params, optimizer, clip_norm in self.groups:
-      if clip_norm > 0:
-        self.torch.nn.utils.clip_grad_norm_(params, clip_norm)
-      optimizer.step()
-
-  def loss(self) -> Any:
-    torch, inputs, targets = self.torch, self.batch["inputs"], self.batch["targets"]
-    x = self.embed(inputs["pitch"].long())
-    if self.continuous:
-      dt = torch.log1p(inputs["dt"].clamp(min=0.0) / models.DT_INPUT_SCALE)
-      x = torch.cat([x, torch.stack([dt, inputs["velocity"] / models.MAX_VELOCITY], -1)], -1)
-    features, _ = self.lstm(x)
-    side = features.detach() if self.isolate else features
-    logits = self.heads["pitch"](features)
-    return (torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets["pitch"].long().flatten())
-            + (self.heads["time"](side)[..., 0].float() - targets["dt"]).abs().mean()
-            + (self.heads["velocity"](side)[..., 0].float() - targets["velocity"] / models.MAX_VELOCITY).square().mean())
-
-
 def import_torch() -> Any:
   """PyTorch with one thread per core, or None (with a hint) when it is not installed."""
   try:
@@ -198,7 +130,8 @@ def main() -> None:
   result = {
       "config": args.config, "overrides": args.overrides, "batch_size": config.train.batch_size,
       "window": config.data.window, "hidden": config.model.hidden, "layers": config.model.layers,
-      "dtype": config.model.dtype, "steps_per_execution": jax_step.steps_per_call,
+      "dtype": config.model.dtype, "recurrence": models.resolve_recurrence(config.model.recurrence, config.model.dtype),
+      "steps_per_execution": jax_step.steps_per_call,
       "compile_s": round(jax_step.compile_s, 2),
       "step_ms": round(1000 * step_s["jax"], 1), "events_per_s": round(rates["jax"]),
       "train_mflop_per_event": round(train_flops / 1e6, 2),
@@ -218,8 +151,9 @@ def main() -> None:
   print(f"{'jax 2048^3 GEMM roof':22}{'':20}{roof / 1e9:10.1f}   ({config.model.dtype} inputs)")
   if torch is not None:
     print(f"jax / PyTorch: {result['vs_torch']:.3f}x")
-  print(f"compile {result['compile_s']} s; {train_flops / 1e6:.1f} MFLOP per training event; "
-        f"load average {result['load_avg_1m_start']} -> {result['load_avg_1m']} on {os.cpu_count()} cores")
+  print(f"recurrence {result['recurrence']}; compile {result['compile_s']} s; {train_flops / 1e6:.1f} MFLOP per "
+        f"training event; load average {result['load_avg_1m_start']} -> {result['load_avg_1m']} "
+        f"on {os.cpu_count()} cores")
   print(json.dumps(result))
 
 

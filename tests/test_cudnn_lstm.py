@@ -13,7 +13,7 @@ from musicgen_jax.config import apply_overrides, load_config
 from musicgen_jax.errors import UserError
 
 BATCH, TIME, FEATURES, HIDDEN, LAYERS = 3, 7, 5, 8, 2
-NO_GPU = "needs a CUDA or ROCm GPU, where jax.experimental.rnn runs cuDNN (MIOpen); JAX runs on " + jax.default_backend()
+NO_GPU = f"needs a CUDA or ROCm GPU for jax.experimental.rnn (cuDNN, MIOpen); JAX runs on {jax.default_backend()}"
 
 
 def stack_params() -> list[tuple[jax.Array, jax.Array, jax.Array]]:
