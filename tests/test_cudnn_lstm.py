@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.experimental import rnn
 
-from musicgen_jax import cudnn_lstm, models
+from musicgen_jax import cudnn_lstm, models, sampling
 from musicgen_jax.config import apply_overrides, load_config
 from musicgen_jax.errors import UserError
 
@@ -85,31 +85,60 @@ def test_cudnn_without_a_gpu_is_one_clear_line():
   assert "auto, scan or fused" in message
 
 
-@pytest.mark.skipif(cudnn_lstm.platform() is None, reason=NO_GPU)
-def test_cudnn_matches_scan_on_the_gpu():
-  """The model through cuDNN against the scan recurrence with the same parameters, at full float32 precision
-  (no TF32 in either): outputs, gradients, and one-position calls chained as generation makes them."""
+def reference_rnn_lstm(x, h_0, c_0, weights, seq_lengths, *, input_size, hidden_size, num_layers, dropout,
+                       bidirectional):
+  """`jax.experimental.rnn.lstm` computed by its reference `lstm_ref`, which runs on any backend."""
+  unpacked = rnn.unpack_lstm_weights(weights, input_size, hidden_size, num_layers, bidirectional)
+  return rnn.lstm_ref(x, h_0, c_0, *unpacked, seq_lengths, input_size, hidden_size, num_layers, dropout,
+                      bidirectional)
+
+
+@pytest.fixture(params=["lstm_ref", "cudnn"])
+def kernel(request, monkeypatch) -> str:
+  """The model's cuDNN path runs cuDNN itself on a GPU, and everywhere `lstm_ref` in its place."""
+  if request.param == "cudnn" and cudnn_lstm.platform() is None:
+    pytest.skip(NO_GPU)
+  if request.param == "lstm_ref":
+    monkeypatch.setattr(cudnn_lstm, "platform", lambda: "cuda")
+    monkeypatch.setattr(cudnn_lstm.rnn, "lstm", reference_rnn_lstm)
+  return request.param
+
+
+def test_the_cudnn_path_matches_scan(kernel):
+  """The model through its cuDNN path against the scan recurrence with the same parameters, at full float32
+  precision (no TF32 in either): outputs, gradients, an empty call, and generation's one-position calls."""
   cudnn, scan = tiny_model("cudnn"), tiny_model("scan")
   assert cudnn.recurrence == "cudnn" and tiny_model("auto").recurrence == "cudnn"
-  rng = np.random.default_rng(0)
-  inputs = {"pitch": jnp.asarray(rng.integers(0, 128, (4, 40)), jnp.int32),
+
+  def events(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"pitch": jnp.asarray(rng.integers(0, 128, (4, 40)), jnp.int32),
             "dt": jnp.asarray(rng.random((4, 40)), jnp.float32),
             "velocity": jnp.asarray(rng.integers(0, 128, (4, 40)), jnp.float32)}
-  weights = jnp.asarray(rng.normal(size=(4, 40, 128)), jnp.float32)
+
+  inputs, targets = events(0), events(1)
 
   def loss(model):
-    return jnp.sum(weights * model(inputs)[0]["pitch_logits"])
+    outputs, _ = model(inputs, targets=targets)
+    return sum(jnp.sum(jnp.sin(output)) for output in outputs.values())
 
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   with jax.default_matmul_precision("highest"):
-    (ours, _), (expected, _) = cudnn(inputs), scan(inputs)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4), ours, expected)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
-                 nnx.grad(loss)(cudnn), nnx.grad(loss)(scan))
-    state, steps = cudnn.initial_state(4), []
-    for t in range(3):
-      outputs, state = cudnn(jax.tree.map(lambda x: x[:, t:t + 1], inputs), state)
-      steps.append(outputs["pitch_logits"])
-    np.testing.assert_allclose(jnp.concatenate(steps, 1), expected["pitch_logits"][:, :3], rtol=0, atol=1e-4)
+    (ours, ours_final), (expected, expected_final) = cudnn(inputs, targets=targets), scan(inputs, targets=targets)
+    jax.tree.map(close, (ours, ours_final), (expected, expected_final))
+    jax.tree.map(close, nnx.grad(loss)(cudnn), nnx.grad(loss)(scan))
+    features, state = cudnn.features(jax.tree.map(lambda x: x[:, :0], inputs), ours_final)
+    assert features.shape == (0, 4, 64)
+    jax.tree.map(np.testing.assert_array_equal, state, ours_final)
+    settings = sampling.make_settings(load_config("tiny"))
+    keys = sampling.sequence_keys(0, 0, 4)
+    start = jax.tree.map(lambda x: x[:, 0], inputs)
+    drawn = [sampling.sample(model, model.initial_state(4), start, keys, settings, 6) for model in (cudnn, scan)]
+    jax.tree.map(np.testing.assert_array_equal, *drawn)
+
+
+@pytest.mark.skipif(cudnn_lstm.platform() is None, reason=NO_GPU)
+def test_cudnn_is_float32_only_and_auto_picks_scan_for_bfloat16():
   with pytest.raises(UserError, match="float32 only"):
     tiny_model("cudnn", "model.dtype=bfloat16")
   assert tiny_model("auto", "model.dtype=bfloat16").recurrence == "scan"

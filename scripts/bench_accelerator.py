@@ -1,0 +1,292 @@
+"""Accelerator throughput of every LSTM recurrence: training and generation events/s, compile times, and
+PyTorch's cuDNN LSTM in the same run.
+
+For each recurrence (`--recurrences`, default cudnn, scan and fused; `auto` is reported as the one it
+picks) and each compute dtype it allows (cudnn: float32 only), it compiles and times the training step
+at each of `--batch-sizes` x `--window` events (64, 256 and 1024 x 256), then generation
+(`sampling.sample_compiled`, float32) of `--generate-length` events at each of `--generate-batch-sizes`
+(256 and 4,096). Where PyTorch with CUDA is importable it times `torch_reference.TorchStep` (nn.LSTM on
+cuDNN, the same heads and losses, three Adams) at the training shapes, float32 and bfloat16 autocast;
+elsewhere the JSON says why it did not.
+
+The training step mirrors `train.train_step`: the three optimizers of `optimizers.make_optimizer`, the
+model's losses, dropout, `train.steps_per_execution` steps per compiled call over stacked batches, on
+synthetic batches. So the script needs only jax, flax, optax, numpy and ml-collections (no grain,
+note-seq, orbax or tensorboardX). The heads default to the original's regression heads, those of the
+PyTorch reference (with `model.heads=distribution` ours run alone). A case that fails (out of memory,
+say) is recorded with its error and the others still run; the JSON file is rewritten after every case,
+so a run cut short keeps what it measured, and a table is printed at the end.
+
+  python scripts/bench_accelerator.py [--out bench_accelerator.json] [--smoke] [--config default]
+      [--recurrences cudnn scan fused] [--dtypes float32 bfloat16] [--batch-sizes 64 256 1024]
+      [--window 256] [--generate-batch-sizes 256 4096] [--generate-length 256] [--calls 3] [key=value ...]
+
+`--smoke` shrinks every size (a 2 x 16 LSTM, batch 2 x window 8) to check the script on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.metadata
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from musicgen_jax import distributions, models, optimizers, sampling
+from musicgen_jax.config import apply_overrides, load_config
+from musicgen_jax.errors import UserError
+from torch_reference import TorchStep, synthetic_batch
+
+SMOKE = {"batch_sizes": [2], "window": 8, "generate_batch_sizes": [2], "generate_length": 4, "calls": 1,
+         "overrides": ["model.hidden=16", "model.embed=8", "train.steps_per_execution=2"]}
+
+
+def loss(model: models.MusicLSTM, outputs: dict[str, jax.Array], targets: dict[str, jax.Array]) -> jax.Array:
+  """The sum of the three training losses, means over every position as `train.train_step` takes them:
+  cross-entropy of each categorical head; L1 on dt and MSE on velocity / 127 for regression heads."""
+  nll = lambda logits, classes: jnp.mean(distributions.class_nll(logits, classes))
+  pitch = nll(outputs["pitch_logits"], targets["pitch"].astype(jnp.int32))
+  if model.head_mode == "regression":
+    return (pitch + jnp.mean(jnp.abs(outputs["dt"] - targets["dt"]))
+            + jnp.mean(jnp.square(outputs["velocity"] - targets["velocity"] / models.MAX_VELOCITY)))
+  classes = distributions.classes(targets, model.time_bins)
+  return pitch + nll(outputs["time_logits"], classes["time"]) + nll(outputs["velocity_logits"], classes["velocity"])
+
+
+def seconds_per_call(call: Callable[[], Any], calls: int) -> float:
+  """Seconds per call of `call` (which blocks until its result is ready) over `calls` calls after one more."""
+  call()
+  start = time.perf_counter()
+  for _ in range(calls):
+    call()
+  return (time.perf_counter() - start) / calls
+
+
+def train_case(config: ml_collections.ConfigDict, calls: int) -> dict[str, Any]:
+  """Compile time and events/s of `train.steps_per_execution` training steps per call at the config's shapes."""
+  model = models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = optimizers.make_optimizer(config)
+  isolate = config.train.isolation == "strict"
+  dropout_root = jax.random.PRNGKey(config.seed + 1)
+
+  def step(carry: tuple, batch: dict) -> tuple[tuple, jax.Array]:
+    params, opt_state, step_index = carry
+
+    def loss_fn(params: nnx.State) -> jax.Array:
+      model = nnx.merge(graphdef, params)
+      outputs, _ = model(batch["inputs"], targets=batch["targets"], isolate_heads=isolate,
+                         rngs=nnx.Rngs(dropout=jax.random.fold_in(dropout_root, step_index)))
+      return loss(model, outputs, batch["targets"])
+
+    value, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, step_index + 1), value
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def steps(carry: tuple, batches: dict) -> tuple[tuple, jax.Array]:
+    return jax.lax.scan(step, carry, batches)
+
+  per_call = config.train.steps_per_execution
+  batch = synthetic_batch(config.train.batch_size, config.data.window)
+  batches = jax.tree.map(lambda x: jnp.asarray(np.stack([x] * per_call)), batch)
+  carry = [(params, tx.init(params), jnp.zeros((), jnp.int32))]
+  start = time.perf_counter()
+  compiled = steps.lower(carry[0], batches).compile()
+  compile_s = time.perf_counter() - start
+  losses = []
+
+  def call() -> None:
+    carry[0], values = compiled(carry[0], batches)
+    losses[:] = [float(values[-1])]
+
+  seconds = seconds_per_call(call, calls)
+  events = config.train.batch_size * config.data.window * per_call
+  return {"events_per_s": events / seconds, "step_ms": 1000 * seconds / per_call, "compile_s": compile_s,
+          "steps_per_call": per_call, "last_loss": losses[0]}
+
+
+def generate_case(config: ml_collections.ConfigDict, batch: int, length: int, calls: int) -> dict[str, Any]:
+  """Compile time and events/s of `sampling.sample_compiled`: `length` events for `batch` sequences per call."""
+  graphdef, params = nnx.split(models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed)), nnx.Param)
+  settings = sampling.make_settings(config)
+  state, event = sampling.prime_compiled(graphdef, params, None)
+  keys = sampling.sequence_keys(0, 0, batch)
+  start = time.perf_counter()
+  compiled = sampling.sample_compiled.lower(graphdef, params, state, event, keys, settings, length).compile()
+  compile_s = time.perf_counter() - start
+  seconds = seconds_per_call(lambda: jax.block_until_ready(compiled(params, state, event, keys, settings)), calls)
+  return {"events_per_s": batch * length / seconds, "compile_s": compile_s}
+
+
+def torch_case(config: ml_collections.ConfigDict, torch: Any, calls: int) -> dict[str, Any]:
+  """Events/s of the PyTorch reference on CUDA at the config's shapes, as many steps as ours per case."""
+  steps = config.train.steps_per_execution * calls
+  torch_step = TorchStep(config, torch, "cuda")
+  seconds = seconds_per_call(lambda: [torch_step() for _ in range(steps)], 1) / steps
+  return {"events_per_s": config.train.batch_size * config.data.window / seconds, "step_ms": 1000 * seconds}
+
+
+def cuda_torch(config: ml_collections.ConfigDict) -> tuple[Any, str | None]:
+  """PyTorch where it can run the reference on CUDA, else None and the reason."""
+  if config.model.heads != "regression":
+    return None, "the PyTorch reference has the original's regression heads: run with model.heads=regression"
+  try:
+    import torch
+  except ImportError:
+    return None, "PyTorch is not importable"
+  if not torch.cuda.is_available():
+    return None, (f"torch {torch.__version__} sees no CUDA device; the CPU reference is scripts/bench_train.py")
+  return torch, None
+
+
+def versions(torch: Any) -> dict[str, Any]:
+  """The versions and precision settings that the figures depend on."""
+  found = {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax")}
+  found["jax_default_matmul_precision"] = jax.config.jax_default_matmul_precision
+  if torch is not None:
+    found.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                 torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                 torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+  return found
+
+
+def unavailable(recurrence: str, dtype: str) -> str | None:
+  """Why this backend cannot run `recurrence` in `dtype` (cudnn off CUDA/ROCm or in bfloat16), else None."""
+  try:
+    models.resolve_recurrence(recurrence, dtype)
+  except UserError as error:
+    return str(error)
+  return None
+
+
+def run_case(record: list, key: dict[str, Any], measure: Callable[[], dict[str, Any]],
+             save: Callable[[], None]) -> None:
+  """Appends `key` with `measure()`'s figures, or with the error that stopped it, to `record`; then saves."""
+  start = time.perf_counter()
+  try:
+    record.append({**key, **measure()})
+  except Exception as error:  # One failing case (out of memory, say) must not lose the others.
+    record.append({**key, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"})
+  save()
+  figures = record[-1]
+  result = f"{figures['events_per_s']:,.0f} events/s" if "events_per_s" in figures else figures["error"]
+  print(f"  {json.dumps(key)}: {result} ({time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def cell(rows: list[dict], **key: Any) -> str:
+  """One table cell: events/s (compile seconds) of the row matching `key`, `error`, or `-` if none."""
+  row = next((r for r in rows if all(r.get(k) == v for k, v in key.items())), None)
+  if row is None:
+    return "-"
+  if "error" in row:
+    return "error"
+  compile_s = f" ({row['compile_s']:.0f} s)" if "compile_s" in row else ""
+  return f"{row['events_per_s']:,.0f}{compile_s}"
+
+
+def print_table(result: dict[str, Any]) -> None:
+  """The figures as two tables: training by recurrence and dtype, generation by recurrence."""
+  batches, generate_batches = result["batch_sizes"], result["generate_batch_sizes"]
+  print(f"\ntraining events/s (compile s), window {result['window']}, {result['device']}")
+  print(f"{'':20}" + "".join(f"{'B=' + str(b):>22}" for b in batches))
+  for recurrence, dtype in dict.fromkeys((r["recurrence"], r["dtype"]) for r in result["train"]):
+    cells = (cell(result["train"], recurrence=recurrence, dtype=dtype, batch=b) for b in batches)
+    print(f"{recurrence + ' ' + dtype:20}" + "".join(f"{c:>22}" for c in cells))
+  for dtype in dict.fromkeys(r["dtype"] for r in result["torch_train"]):
+    cells = (cell(result["torch_train"], dtype=dtype, batch=b) for b in batches)
+    print(f"{'torch ' + dtype:20}" + "".join(f"{c:>22}" for c in cells))
+  for row in result["skipped"]:
+    print(f"skipped {row['case']} {row['recurrence']} {row['dtype']}: {row['reason']}")
+  if result["torch_skipped"]:
+    print(f"PyTorch reference skipped: {result['torch_skipped']}")
+  print(f"\ngeneration events/s (compile s), {result['generate_length']} events per call, float32")
+  print(f"{'':20}" + "".join(f"{'B=' + str(b):>22}" for b in generate_batches))
+  for recurrence in dict.fromkeys(r["recurrence"] for r in result["generate"]):
+    cells = (cell(result["generate"], recurrence=recurrence, batch=b) for b in generate_batches)
+    print(f"{recurrence:20}" + "".join(f"{c:>22}" for c in cells))
+  print(f"auto picks {result['auto']}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--out", default="bench_accelerator.json", help="the JSON file written")
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on a CPU")
+  parser.add_argument("--config", default="default")
+  parser.add_argument("--recurrences", nargs="+", default=["cudnn", "scan", "fused"],
+                      choices=[r for r in models.RECURRENCES if r != "auto"])
+  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+  parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256, 1024])
+  parser.add_argument("--window", type=int, default=256)
+  parser.add_argument("--generate-batch-sizes", type=int, nargs="+", default=[256, 4096])
+  parser.add_argument("--generate-length", type=int, default=256)
+  parser.add_argument("--calls", type=int, default=3, help="timed calls per case, after one untimed")
+  parser.add_argument("overrides", nargs="*")
+  args = parser.parse_args()
+  if args.smoke:
+    for name, value in SMOKE.items():
+      setattr(args, name, value if name != "overrides" else [*value, *args.overrides])
+  base = apply_overrides(load_config(args.config), ["model.heads=regression", "sample.release_threshold=32.0",
+                                                    *args.overrides])
+  torch, torch_skipped = cuda_torch(base)
+  device = jax.devices()[0]
+  result = {
+      "config": args.config, "overrides": args.overrides, "backend": jax.default_backend(),
+      "device": device.device_kind, "devices": jax.device_count(), "host": platform.node(),
+      "model": base.model.to_dict(), "window": args.window, "batch_sizes": args.batch_sizes,
+      "generate_batch_sizes": args.generate_batch_sizes, "generate_length": args.generate_length,
+      "calls": args.calls, "versions": versions(torch),
+      "auto": {dtype: models.resolve_recurrence("auto", dtype) for dtype in args.dtypes},
+      "train": [], "skipped": [], "generate": [], "torch_train": [], "torch_skipped": torch_skipped,
+  }
+  out = Path(args.out)
+  save = lambda: out.write_text(json.dumps(result, indent=1) + "\n")
+  started = time.perf_counter()
+  print(f"{result['device']} ({result['backend']}): writing {out}", flush=True)
+
+  def config_of(*overrides: str) -> ml_collections.ConfigDict:
+    return apply_overrides(base, [f"data.window={args.window}", *overrides])
+
+  for recurrence in args.recurrences:
+    for dtype in args.dtypes:
+      reason = unavailable(recurrence, dtype)
+      if reason:
+        result["skipped"].append({"case": "train", "recurrence": recurrence, "dtype": dtype, "reason": reason})
+        continue
+      for batch in args.batch_sizes:
+        config = config_of(f"model.recurrence={recurrence}", f"model.dtype={dtype}", f"train.batch_size={batch}")
+        run_case(result["train"], {"recurrence": recurrence, "dtype": dtype, "batch": batch},
+                 lambda: train_case(config, args.calls), save)
+  if torch is not None:
+    for dtype in args.dtypes:
+      for batch in args.batch_sizes:
+        config = config_of(f"model.dtype={dtype}", f"train.batch_size={batch}")
+        run_case(result["torch_train"], {"dtype": dtype, "batch": batch},
+                 lambda: torch_case(config, torch, args.calls), save)
+  for recurrence in args.recurrences:
+    reason = unavailable(recurrence, "float32")
+    if reason:
+      result["skipped"].append({"case": "generate", "recurrence": recurrence, "dtype": "float32", "reason": reason})
+      continue
+    for batch in args.generate_batch_sizes:
+      config = config_of(f"model.recurrence={recurrence}")
+      run_case(result["generate"], {"recurrence": recurrence, "batch": batch},
+               lambda: generate_case(config, batch, args.generate_length, args.calls), save)
+  result["total_s"] = round(time.perf_counter() - started, 1)
+  save()
+  print_table(result)
+  print(f"\n{result['total_s']} s in all; figures in {out}")
+
+
+if __name__ == "__main__":
+  main()
