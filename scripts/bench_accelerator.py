@@ -14,12 +14,15 @@ model's losses, dropout, `train.steps_per_execution` steps per compiled call ove
 synthetic batches. So the script needs only jax, flax, optax, numpy and ml-collections (no grain,
 note-seq, orbax or tensorboardX). The heads default to the original's regression heads, those of the
 PyTorch reference (with `model.heads=distribution` ours run alone). A case that fails (out of memory,
-say) is recorded with its error and the others still run; the JSON file is rewritten after every case,
-so a run cut short keeps what it measured, and a table is printed at the end.
+say) is recorded with its error and the others still run. Cases run float32 training first, then
+generation, then bfloat16 training; none starts after `--budget-s` (default 270 s, so that the run ends
+within 5 minutes), and the JSON file, rewritten after every case, lists those left out. A table is
+printed at the end.
 
   python scripts/bench_accelerator.py [--out bench_accelerator.json] [--smoke] [--config default]
       [--recurrences cudnn scan fused] [--dtypes float32 bfloat16] [--batch-sizes 64 256 1024]
-      [--window 256] [--generate-batch-sizes 256 4096] [--generate-length 256] [--calls 3] [key=value ...]
+      [--window 256] [--generate-batch-sizes 256 4096] [--generate-length 256] [--calls 3]
+      [--budget-s 270] [key=value ...]
 
 `--smoke` shrinks every size (a 2 x 16 LSTM, batch 2 x window 8) to check the script on a CPU in seconds.
 """
@@ -170,18 +173,16 @@ def unavailable(recurrence: str, dtype: str) -> str | None:
   return None
 
 
-def run_case(record: list, key: dict[str, Any], measure: Callable[[], dict[str, Any]],
-             save: Callable[[], None]) -> None:
-  """Appends `key` with `measure()`'s figures, or with the error that stopped it, to `record`; then saves."""
+def run_case(result: dict[str, Any], name: str, key: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> None:
+  """Appends `key` with `measure()`'s figures, or with the error that stopped it, to `result[name]`."""
   start = time.perf_counter()
   try:
-    record.append({**key, **measure()})
+    result[name].append({**key, **measure()})
   except Exception as error:  # One failing case (out of memory, say) must not lose the others.
-    record.append({**key, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"})
-  save()
-  figures = record[-1]
-  result = f"{figures['events_per_s']:,.0f} events/s" if "events_per_s" in figures else figures["error"]
-  print(f"  {json.dumps(key)}: {result} ({time.perf_counter() - start:.1f} s)", flush=True)
+    result[name].append({**key, "error": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"})
+  figures = result[name][-1]
+  outcome = f"{figures['events_per_s']:,.0f} events/s" if "events_per_s" in figures else figures["error"]
+  print(f"  {name} {json.dumps(key)}: {outcome} ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def cell(rows: list[dict], **key: Any) -> str:
@@ -207,7 +208,7 @@ def print_table(result: dict[str, Any]) -> None:
     cells = (cell(result["torch_train"], dtype=dtype, batch=b) for b in batches)
     print(f"{'torch ' + dtype:20}" + "".join(f"{c:>22}" for c in cells))
   for row in result["skipped"]:
-    print(f"skipped {row['case']} {row['recurrence']} {row['dtype']}: {row['reason']}")
+    print("skipped " + " ".join(str(v) for k, v in row.items() if k != "reason") + f": {row['reason']}")
   if result["torch_skipped"]:
     print(f"PyTorch reference skipped: {result['torch_skipped']}")
   print(f"\ngeneration events/s (compile s), {result['generate_length']} events per call, float32")
@@ -231,6 +232,7 @@ def main() -> None:
   parser.add_argument("--generate-batch-sizes", type=int, nargs="+", default=[256, 4096])
   parser.add_argument("--generate-length", type=int, default=256)
   parser.add_argument("--calls", type=int, default=3, help="timed calls per case, after one untimed")
+  parser.add_argument("--budget-s", type=float, default=270.0, help="no case starts after this many seconds")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   if args.smoke:
@@ -257,31 +259,43 @@ def main() -> None:
   def config_of(*overrides: str) -> ml_collections.ConfigDict:
     return apply_overrides(base, [f"data.window={args.window}", *overrides])
 
-  for recurrence in args.recurrences:
-    for dtype in args.dtypes:
+  def training(dtype: str) -> list[tuple[str, dict[str, Any], Callable[[], dict[str, Any]]]]:
+    cases = []
+    for recurrence in args.recurrences:
       reason = unavailable(recurrence, dtype)
       if reason:
         result["skipped"].append({"case": "train", "recurrence": recurrence, "dtype": dtype, "reason": reason})
         continue
-      for batch in args.batch_sizes:
-        config = config_of(f"model.recurrence={recurrence}", f"model.dtype={dtype}", f"train.batch_size={batch}")
-        run_case(result["train"], {"recurrence": recurrence, "dtype": dtype, "batch": batch},
-                 lambda: train_case(config, args.calls), save)
-  if torch is not None:
-    for dtype in args.dtypes:
-      for batch in args.batch_sizes:
-        config = config_of(f"model.dtype={dtype}", f"train.batch_size={batch}")
-        run_case(result["torch_train"], {"dtype": dtype, "batch": batch},
-                 lambda: torch_case(config, torch, args.calls), save)
+      cases += [("train", {"recurrence": recurrence, "dtype": dtype, "batch": batch},
+                 functools.partial(train_case, config_of(f"model.recurrence={recurrence}", f"model.dtype={dtype}",
+                                                         f"train.batch_size={batch}"), args.calls))
+                for batch in args.batch_sizes]
+    if torch is not None:
+      cases += [("torch_train", {"dtype": dtype, "batch": batch},
+                 functools.partial(torch_case, config_of(f"model.dtype={dtype}", f"train.batch_size={batch}"), torch,
+                                   args.calls))
+                for batch in args.batch_sizes]
+    return cases
+
+  generation = []
   for recurrence in args.recurrences:
     reason = unavailable(recurrence, "float32")
     if reason:
       result["skipped"].append({"case": "generate", "recurrence": recurrence, "dtype": "float32", "reason": reason})
       continue
-    for batch in args.generate_batch_sizes:
-      config = config_of(f"model.recurrence={recurrence}")
-      run_case(result["generate"], {"recurrence": recurrence, "batch": batch},
-               lambda: generate_case(config, batch, args.generate_length, args.calls), save)
+    generation += [("generate", {"recurrence": recurrence, "batch": batch},
+                    functools.partial(generate_case, config_of(f"model.recurrence={recurrence}"), batch,
+                                      args.generate_length, args.calls))
+                   for batch in args.generate_batch_sizes]
+  # The most wanted first, so that a run cut short by --budget-s misses the least: float32 training, generation,
+  # then the other dtype.
+  first, *others = sorted(args.dtypes, key=lambda dtype: dtype != "float32")
+  for name, key, measure in training(first) + generation + [c for dtype in others for c in training(dtype)]:
+    if time.perf_counter() - started > args.budget_s:
+      result["skipped"].append({"case": name, **key, "reason": f"not started: past --budget-s {args.budget_s:g}"})
+    else:
+      run_case(result, name, key, measure)
+    save()
   result["total_s"] = round(time.perf_counter() - started, 1)
   save()
   print_table(result)

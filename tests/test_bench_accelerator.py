@@ -21,7 +21,7 @@ def test_smoke_run_writes_every_case_without_the_training_loop_imports(tmp_path)
       "import runpy, sys",
       f"sys.modules.update(dict.fromkeys({BLOCKED!r}))",  # None in sys.modules: importing it raises.
       f"sys.path.insert(0, {str(SCRIPT.parent)!r})",
-      f"sys.argv = [{str(SCRIPT)!r}, '--smoke', '--out', {str(out)!r}]",
+      f"sys.argv = [{str(SCRIPT)!r}, '--smoke', '--budget-s', '3600', '--out', {str(out)!r}]",
       "runpy.run_path(sys.argv[0], run_name='__main__')",
   ])
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
