@@ -15,6 +15,7 @@ from flax import nnx
 from musicgen_jax import checkpointing, distributions, events, models, sampling, store, train
 from musicgen_jax.config import apply_overrides, load_config, save_config
 from musicgen_jax.errors import UserError
+from tests.test_events import midi_problems
 
 LENGTH = 48
 
@@ -237,6 +238,12 @@ def test_files_are_valid_complete_and_reproducible(run_dir, tmp_path):
     assert onsets and len(onsets) == len(messages) - len(onsets)
     assert len(note_seq.midi_file_to_note_sequence(str(path)).notes) == len(onsets) == len(notes(path))
   assert len({p.read_bytes() for p in paths}) == 5
+
+
+def test_many_generated_files_are_clean(run_dir, tmp_path):
+  # The untrained model writes onsets only: once all 128 pitches sound, it strikes sounding ones again.
+  for path in generate(run_dir, tmp_path, num=32, length=256, batch_size=32):
+    assert midi_problems(path) == [], path.name
 
 
 def test_files_hold_the_sampled_events(run_dir, model_parts, tmp_path):
