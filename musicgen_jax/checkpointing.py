@@ -1,4 +1,5 @@
-"""orbax checkpoints of a run: the train state and the data iterator position, last k plus the best.
+"""orbax checkpoints of a run: the train state and the data iterator position, last k plus the best,
+and `load_run`, a trained run's config and parameters ready for inference.
 
 A checkpoint is written to a temporary folder and renamed into place by orbax, so a kill at any
 moment leaves the previous checkpoints intact.
@@ -16,14 +17,19 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
+import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from musicgen_jax import rundir
+from musicgen_jax.config import read_config
 from musicgen_jax.errors import UserError
+from musicgen_jax.steps import create_train_state
 
-CHECKPOINT_DIR = "checkpoints"
 DELETED_DIR = ".deleted"  # Old checkpoints are renamed here (atomic), then purged.
 BEST_METRIC = "pitch_nll"
 TENSORSTORE_DAMAGE = re.compile(r"(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND): ")  # status codes of unreadable files
@@ -65,7 +71,7 @@ ORBAX_FAILURE_LOGS = OrbaxFailureLogs()
 
 def checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
   """The run's manager: keeps the last `keep` checkpoints and the one with the lowest validation NLL."""
-  directory = Path(workdir).resolve() / CHECKPOINT_DIR
+  directory = rundir.checkpoint_dir(Path(workdir).resolve())
   if read_only and not directory.is_dir():
     raise UserError(f"{workdir} has no checkpoints: train it first with `musicgen train --workdir {workdir}`")
   quiet_orbax_failures()
@@ -202,3 +208,32 @@ def problem_message(manager: ocp.CheckpointManager, step: int, problem: str, err
   steps = sorted(manager.all_steps())
   return (f"checkpoint {step} in {manager.directory} is damaged or incomplete ({reason}): delete "
           f"{Path(manager.directory) / str(step)} to go back to an earlier one (the run has steps {steps})")
+
+
+def abstract(state: Any) -> Any:
+  """Shapes, dtypes and shardings of a pytree of arrays (a train state): the target a checkpoint restores into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class LoadedRun(NamedTuple):
+  """A trained run ready for inference: its saved config, the model's graph and parameters, the step."""
+
+  config: ml_collections.ConfigDict
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  step: int
+
+
+def load_run(workdir: str | os.PathLike, checkpoint: str | int = "latest") -> LoadedRun:
+  """Loads a run folder's config and the parameters of one checkpoint (`latest`, `best` or a step)."""
+  if not Path(workdir).is_dir():
+    raise UserError(f"run folder {workdir} does not exist: train one with `musicgen train --workdir {workdir}`")
+  config = read_config(workdir)
+  manager = checkpoint_manager(workdir, read_only=True)
+  try:
+    step = resolve_step(manager, checkpoint)
+    graphdef, initial = create_train_state(config)
+    state, _ = restore(manager, step, abstract(initial), with_data=False)
+  finally:
+    manager.close()
+  return LoadedRun(config, graphdef, state.params, step)

@@ -52,12 +52,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-  from musicgen_jax import checkpointing, train
+  from musicgen_jax import checkpointing, plots, rundir, train
   from musicgen_jax.config import run_config
 
   config = run_config(args.workdir, args.config, args.data, args.overrides)
   try:
-    state = train.train_and_evaluate(config, args.workdir, progress=not args.quiet)
+    state = train.train_and_evaluate(config, args.workdir, progress=not args.quiet, samples=plots.log_samples)
   except train.NonFiniteLoss as error:
     print(f"musicgen: training stopped: {error}", file=sys.stderr)
     return 1
@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"musicgen: error: {error}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(EXIT_USER_ERROR)
-  print(f"saved step {int(state.step)} of {config.train.steps} in {Path(args.workdir) / 'checkpoints'}")
+  print(f"saved step {int(state.step)} of {config.train.steps} in {rundir.checkpoint_dir(args.workdir)}")
   return 0
 
 
@@ -79,9 +79,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-  from musicgen_jax import sampling
+  from musicgen_jax import generate
 
-  files = sampling.generate(args.workdir, args.out, num=args.num, length=args.length, batch_size=args.batch_size,
+  files = generate.generate(args.workdir, args.out, num=args.num, length=args.length, batch_size=args.batch_size,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             primer=args.primer, primer_events=args.primer_events, keep_primer=args.keep_primer,
                             checkpoint=args.checkpoint, prefix=args.prefix, progress=not args.quiet)

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from musicgen_jax import paths
+from musicgen_jax import atomic, paths
 
 COMPLETE_MARKER = ".complete"
 
@@ -28,13 +28,11 @@ def chorales_to_midi(out_dir: Path, progress: bool = True) -> Path:
     target = out_dir / f"{source.stem}.mid"
     if target.exists():
       continue
-    tmp = target.with_suffix(".mid.tmp")
     try:
-      converter.parse(source, forceSource=True).write("midi", fp=str(tmp))
+      with atomic.replacing(target) as tmp:
+        converter.parse(source, forceSource=True).write("midi", fp=str(tmp))
     except Exception as error:  # music21 raises many types on a badly formed score; skip that score.
       skipped.append(f"{source.name} ({type(error).__name__})")
-      continue
-    os.replace(tmp, target)
   if skipped:
     print(f"skipped {len(skipped)} chorales music21 could not convert: {', '.join(skipped)}", file=sys.stderr)
   (out_dir / COMPLETE_MARKER).touch()
@@ -44,7 +42,7 @@ def chorales_to_midi(out_dir: Path, progress: bool = True) -> Path:
 def run_demo(home: str | os.PathLike | None = None, *, steps: int = 3000, num_files: int = 4,
              progress: bool = True) -> list[Path]:
   """Prepares the chorales, trains `configs/tiny.py` for `steps` steps (resuming if run before), generates."""
-  from musicgen_jax import prepare, sampling, train
+  from musicgen_jax import generate, plots, prepare, train
   from musicgen_jax.config import apply_overrides, load_config
 
   root = Path(home or paths.home()) / "demo"
@@ -53,8 +51,8 @@ def run_demo(home: str | os.PathLike | None = None, *, steps: int = 3000, num_fi
   prepare.prepare_corpus([str(midi_dir)], data_dir, workers=os.cpu_count() or 1, filter_text=None,
                          progress=progress)
   config = apply_overrides(load_config("tiny"), [f"data.dir={data_dir}", f"train.steps={steps}"])
-  train.train_and_evaluate(config, root / "run", progress=progress)
-  files = sampling.generate(root / "run", root / "generated", num=num_files, length=512,
+  train.train_and_evaluate(config, root / "run", progress=progress, samples=plots.log_samples)
+  files = generate.generate(root / "run", root / "generated", num=num_files, length=512,
                             batch_size=num_files, seed=0, progress=progress)
   for path in files:
     print(path)

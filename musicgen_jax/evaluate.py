@@ -30,13 +30,13 @@ def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: 
                  checkpoint: str | int = "latest") -> dict[str, Any]:
   """`pitch_nll`, `pitch_accuracy`, `dt_mae_ms`, `velocity_rmse`, `events` and `step` of one checkpoint."""
   from musicgen_jax import config as config_lib
-  from musicgen_jax import input_pipeline, train
+  from musicgen_jax import checkpointing, input_pipeline, steps
 
   run_config = config_lib.read_config(workdir)
   data_dir = prepared_data(data, run_config.data.sustain)
   if not store.has_split(data_dir, split):
     raise UserError(f"{data_dir} has no {split!r} split: choose one with --split (e.g. train, validation)")
-  run = train.load_run(workdir, checkpoint)
-  trainer = train.Trainer(run.config)
+  run = checkpointing.load_run(workdir, checkpoint)
+  trainer = steps.Trainer(run.config)
   metrics = trainer.evaluate(run.params, input_pipeline.eval_batches(run.config, data_dir, split))
   return {**metrics, "step": run.step}

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from musicgen_jax import models, sampling, train
+from musicgen_jax import models, sampling, steps
 from musicgen_jax.config import apply_overrides, load_config
 
 ORIGINAL_EVENTS_PER_CALL = 4
@@ -155,7 +155,7 @@ def main() -> None:
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   config = apply_overrides(load_config(args.config), ["sample.release_threshold=32.0", *args.overrides])
-  graphdef, state = train.create_train_state(config)
+  graphdef, state = steps.create_train_state(config)
   settings = sampling.make_settings(config.sample)
   has_torch = torch_available()
   load_before = os.getloadavg()[0]
