@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "musicgen_jax"
 # Lowest layer first: a module may import only modules before it.
-LAYERS = ("errors", "paths", "atomic", "rundir", "config", "store", "events", "models", "losses", "optimizers",
+LAYERS = ("errors", "paths", "atomic", "rundir", "config", "store", "events", "distributions", "models", "losses", "optimizers",
           "steps", "sampling", "input_pipeline", "checkpointing", "runlock", "prepare", "generate", "plots",
           "train", "evaluate", "stats", "audio", "demo", "menu", "cli")
 STEPS_LIBRARIES = {"jax", "flax", "optax", "numpy", "ml_collections"}

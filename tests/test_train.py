@@ -43,20 +43,28 @@ def params_of(state):
   return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
-def test_loss_decreases_and_metrics_are_logged(corpus, tmp_path):
+@pytest.mark.parametrize("heads", ["regression", "distribution"])
+def test_loss_decreases_and_metrics_are_logged(corpus, tmp_path, heads):
   train.train_and_evaluate(tiny(corpus, "train.steps=120", "train.sample_every=60", "train.sample_count=2",
-                                "train.sample_length=64"), tmp_path, progress=False, samples=plots.log_samples)
+                                "train.sample_length=64", f"model.heads={heads}"), tmp_path, progress=False,
+                           samples=plots.log_samples)
   assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_120", "step_60"]
-  assert read_config(tmp_path).sample.release_threshold == pytest.approx(40.0)  # half of the onsets' 80
+  # Only regression heads decide releases by a threshold: half of the onsets' 80.
+  assert read_config(tmp_path).sample.release_threshold == (pytest.approx(40.0) if heads == "regression" else None)
   assert len(list((tmp_path / "samples" / "step_120").glob("*.mid"))) == 2
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  losses = [m["train/loss_pitch"] for m in lines if "train/loss_pitch" in m]
+  for head in ("pitch", "time", "velocity"):
+    head_losses = [m[f"train/loss_{head}"] for m in lines if f"train/loss_{head}" in m]
+    assert head_losses[-1] < (0.5 if head == "pitch" else 0.9) * head_losses[0], head
   evals = [m for m in lines if "eval/pitch_nll" in m]
-  assert losses[-1] < 0.5 * losses[0]
   assert evals and evals[-1]["eval/pitch_nll"] < evals[0]["eval/pitch_nll"]
-  for key in ("train/dt_mae_ms", "train/velocity_rmse", "train/pitch_accuracy", "train/events_per_s",
-              "train/learning_rate_time", "train/step_time_s"):
+  point_keys = ("train/dt_mae_ms", "train/velocity_rmse")
+  likelihood_keys = ("train/time_nll", "train/velocity_nll", "train/total_nll", "train/bits_per_note")
+  for key in (*(point_keys if heads == "regression" else likelihood_keys), "train/pitch_accuracy",
+              "train/events_per_s", "train/learning_rate_time", "train/step_time_s"):
     assert key in lines[0]
+  if heads == "distribution":
+    assert evals[-1]["eval/total_nll"] < evals[0]["eval/total_nll"]
   assert all("step" in m for m in lines)
   assert list((tmp_path / "tensorboard").iterdir())
 
