@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Sequence
 
+from musicgen_jax import atomic
 from musicgen_jax.errors import UserError
 
 INSTALL = "apt-get install fluidsynth fluid-soundfont-gm"
@@ -50,15 +51,14 @@ def render_wav(midi_path: str | os.PathLike, wav_path: str | os.PathLike | None 
   if not midi_path.is_file() or midi_path.read_bytes()[:4] != b"MThd":
     raise UserError(f"{midi_path} is not a MIDI file")
   wav_path = midi_path.with_suffix(".wav") if wav_path is None else Path(wav_path)
-  tmp = wav_path.with_name(f".{wav_path.name}.tmp-{os.getpid()}")
-  command = ["fluidsynth", "-n", "-i", "-q", "-T", "wav", "-r", str(sample_rate), "-F", str(tmp),
-             str(find_soundfont()), str(midi_path)]
-  result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-  if result.returncode or not tmp.is_file():
-    tmp.unlink(missing_ok=True)
-    reason = (result.stderr or result.stdout).strip().splitlines()
-    raise UserError(f"fluidsynth could not render {midi_path}: {reason[-1] if reason else f'exit {result.returncode}'}")
-  os.replace(tmp, wav_path)
+  with atomic.replacing(wav_path) as tmp:
+    command = ["fluidsynth", "-n", "-i", "-q", "-T", "wav", "-r", str(sample_rate), "-F", str(tmp),
+               str(find_soundfont()), str(midi_path)]
+    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode or not tmp.is_file():
+      reason = (result.stderr or result.stdout).strip().splitlines()
+      detail = reason[-1] if reason else f"exit {result.returncode}"
+      raise UserError(f"fluidsynth could not render {midi_path}: {detail}")
   return wav_path
 
 

@@ -1,4 +1,5 @@
-"""orbax checkpoints of a run: the train state and the data iterator position, last k plus the best.
+"""orbax checkpoints of a run: the train state and the data iterator position, last k plus the best,
+and `load_run`, a trained run's config and parameters ready for inference.
 
 A checkpoint is written to a temporary folder and renamed into place by orbax, so a kill at any
 moment leaves the previous checkpoints intact.
@@ -16,16 +17,21 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
+import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
+from musicgen_jax import cudnn_lstm, rundir
+from musicgen_jax.config import apply_overrides, read_config
 from musicgen_jax.errors import UserError
+from musicgen_jax.steps import create_train_state
 
-CHECKPOINT_DIR = "checkpoints"
 DELETED_DIR = ".deleted"  # Old checkpoints are renamed here (atomic), then purged.
-BEST_METRIC = "pitch_nll"
+BEST_METRICS = ("total_nll", "pitch_nll")  # The first the evaluation reports ranks checkpoints (lower is better).
 TENSORSTORE_DAMAGE = re.compile(r"(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND): ")  # status codes of unreadable files
 MAX_REASON = 200  # characters of an error message quoted in a one-line report
 
@@ -63,20 +69,26 @@ def quiet_orbax_failures() -> None:
 ORBAX_FAILURE_LOGS = OrbaxFailureLogs()
 
 
+def best_metric(metrics: dict[str, float]) -> float:
+  """The validation figure that ranks checkpoints: the total NLL where it is known (distribution heads), else the
+  pitch NLL."""
+  return next(metrics[name] for name in BEST_METRICS if name in metrics)
+
+
 def checkpoint_manager(workdir: str | os.PathLike, keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
   """The run's manager: keeps the last `keep` checkpoints and the one with the lowest validation NLL."""
-  directory = Path(workdir).resolve() / CHECKPOINT_DIR
+  directory = rundir.checkpoint_dir(Path(workdir).resolve())
   if read_only and not directory.is_dir():
     raise UserError(f"{workdir} has no checkpoints: train it first with `musicgen train --workdir {workdir}`")
   quiet_orbax_failures()
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=keep),
-      checkpoint_managers.BestN(get_metric_fn=lambda metrics: metrics[BEST_METRIC], reverse=True, n=1,
+      checkpoint_managers.BestN(get_metric_fn=best_metric, reverse=True, n=1,
                                 keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, read_only=read_only, create=not read_only,
-      best_fn=lambda metrics: metrics[BEST_METRIC], best_mode="min",
+      best_fn=best_metric, best_mode="min",
       todelete_subdir=None if read_only else DELETED_DIR)
   if not read_only:
     purge_deleted(directory)
@@ -202,3 +214,35 @@ def problem_message(manager: ocp.CheckpointManager, step: int, problem: str, err
   steps = sorted(manager.all_steps())
   return (f"checkpoint {step} in {manager.directory} is damaged or incomplete ({reason}): delete "
           f"{Path(manager.directory) / str(step)} to go back to an earlier one (the run has steps {steps})")
+
+
+def abstract(state: Any) -> Any:
+  """Shapes, dtypes and shardings of a pytree of arrays (a train state): the target a checkpoint restores into."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+class LoadedRun(NamedTuple):
+  """A trained run ready for inference: its saved config, the model's graph and parameters, the step."""
+
+  config: ml_collections.ConfigDict
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  step: int
+
+
+def load_run(workdir: str | os.PathLike, checkpoint: str | int = "latest") -> LoadedRun:
+  """Loads a run folder's config and the parameters of one checkpoint (`latest`, `best` or a step)."""
+  if not Path(workdir).is_dir():
+    raise UserError(f"run folder {workdir} does not exist: train one with `musicgen train --workdir {workdir}`")
+  config = read_config(workdir)
+  if config.model.get("recurrence") == "cudnn" and not cudnn_lstm.platform():
+    # The recurrence changes no parameter: a run trained with cuDNN generates and evaluates anywhere.
+    config = apply_overrides(config, ["model.recurrence=auto"])
+  manager = checkpoint_manager(workdir, read_only=True)
+  try:
+    step = resolve_step(manager, checkpoint)
+    graphdef, initial = create_train_state(config)
+    state, _ = restore(manager, step, abstract(initial), with_data=False)
+  finally:
+    manager.close()
+  return LoadedRun(config, graphdef, state.params, step)

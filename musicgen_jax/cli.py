@@ -29,6 +29,16 @@ def positive_int(text: str) -> int:
   return value
 
 
+def positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0.0 < value < float("inf"):
+    raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+  return value
+
+
 def fraction(text: str) -> float:
   try:
     value = float(text)
@@ -52,12 +62,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-  from musicgen_jax import checkpointing, train
+  from musicgen_jax import checkpointing, plots, rundir, train
   from musicgen_jax.config import run_config
 
   config = run_config(args.workdir, args.config, args.data, args.overrides)
   try:
-    state = train.train_and_evaluate(config, args.workdir, progress=not args.quiet)
+    state = train.train_and_evaluate(config, args.workdir, progress=not args.quiet, samples=plots.log_samples)
   except train.NonFiniteLoss as error:
     print(f"musicgen: training stopped: {error}", file=sys.stderr)
     return 1
@@ -67,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"musicgen: error: {error}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(EXIT_USER_ERROR)
-  print(f"saved step {int(state.step)} of {config.train.steps} in {Path(args.workdir) / 'checkpoints'}")
+  print(f"saved step {int(state.step)} of {config.train.steps} in {rundir.checkpoint_dir(args.workdir)}")
   return 0
 
 
@@ -79,12 +89,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-  from musicgen_jax import sampling
+  from musicgen_jax import generate
 
-  files = sampling.generate(args.workdir, args.out, num=args.num, length=args.length, batch_size=args.batch_size,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            primer=args.primer, primer_events=args.primer_events, keep_primer=args.keep_primer,
-                            checkpoint=args.checkpoint, prefix=args.prefix, progress=not args.quiet)
+  files = generate.generate(args.workdir, args.out, num=args.num, length=args.length, seconds=args.seconds,
+                            batch_size=args.batch_size, temperature=args.temperature,
+                            time_temperature=args.time_temperature, velocity_temperature=args.velocity_temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, primer=args.primer,
+                            primer_events=args.primer_events, keep_primer=args.keep_primer,
+                            checkpoint=args.checkpoint, prefix=args.prefix, overwrite=args.overwrite,
+                            progress=not args.quiet)
   print(f"wrote {len(files)} MIDI file{'s' * (len(files) != 1)} to {Path(args.out).resolve()}")
   if args.plot:
     from musicgen_jax import plots
@@ -180,9 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--out", default=str(paths.outputs_dir()), metavar="DIR",
                    help="folder for the MIDI files (default: $MUSICGEN_HOME/generated)")
   gen.add_argument("--num", type=positive_int, default=1, metavar="N", help="files to write (default 1)")
-  gen.add_argument("--length", type=positive_int, default=1024, metavar="EVENTS", help="events per file (default 1024)")
+  length = gen.add_mutually_exclusive_group()
+  length.add_argument("--length", type=positive_int, metavar="EVENTS", help="events per file (default 1024)")
+  length.add_argument("--seconds", type=positive_float, metavar="S",
+                      help="instead of --length: end each file once its music reaches S seconds")
   gen.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="files sampled at once (default 64)")
   gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="pitch sampling temperature (default 1)")
+  gen.add_argument("--time-temperature", type=float, default=1.0, metavar="T",
+                   help="temperature of the time (dt) distribution (default 1; distribution heads)")
+  gen.add_argument("--velocity-temperature", type=float, default=1.0, metavar="T",
+                   help="temperature of the velocity distribution (default 1; distribution heads)")
   gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only among the K likeliest pitches (0: off)")
   gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
   gen.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
@@ -191,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the primer's first P events (default: up to 2048)")
   gen.add_argument("--keep-primer", action="store_true", help="include the primer in the written files")
   gen.add_argument("--prefix", default="sample", help="file name prefix (default: sample)")
+  gen.add_argument("--overwrite", action="store_true", help="replace files of the same names in --out")
   gen.add_argument("--quiet", action="store_true", help="no progress bar")
   gen.add_argument("--plot", action="store_true", help="also write a piano-roll PNG beside each MIDI file")
   gen.add_argument("--wav", action="store_true",

@@ -13,10 +13,10 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from musicgen_jax import atomic, rundir
 from musicgen_jax.errors import UserError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_FILE = "config.json"
 CONFIG_SECTIONS = ("data", "model", "train", "sample")
 
 
@@ -106,11 +106,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
   """Writes the config into the run folder as JSON (atomically), so a run never needs its flags again."""
-  path = Path(workdir) / CONFIG_FILE
-  tmp = path.with_suffix(".json.tmp")
+  path = rundir.config_file(workdir)
   try:
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
   except OSError as error:
     raise UserError(f"could not write {path}: {error.strerror}: free space or make the run folder writable") from None
   return path
@@ -127,9 +125,9 @@ def _tuples(value: Any) -> Any:
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config saved in a run folder, locked; a UserError if the folder holds no run."""
-  path = Path(workdir) / CONFIG_FILE
+  path = rundir.config_file(workdir)
   if not path.is_file():
-    raise UserError(f"{workdir} holds no run (no {CONFIG_FILE}): train one with `musicgen train --workdir {workdir}`")
+    raise UserError(f"{workdir} holds no run (no {rundir.CONFIG_FILE}): train one with `musicgen train --workdir {workdir}`")
   try:
     loaded = json.loads(path.read_text())
   except json.JSONDecodeError as error:
@@ -156,7 +154,7 @@ def run_config(workdir: str | os.PathLike, config_name: str | None, data: str | 
 
   Resuming with a different model shape is a UserError: the checkpoint could not be restored into it.
   """
-  saved = (Path(workdir) / CONFIG_FILE).is_file()
+  saved = rundir.is_run(workdir)
   base = read_config(workdir) if saved else load_config(config_name or "default")
   extra = [f"data.dir={Path(data).resolve()}"] if data else []
   config = apply_overrides(base, [*extra, *overrides])

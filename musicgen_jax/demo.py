@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from musicgen_jax import paths
+from musicgen_jax import atomic, paths
 
 COMPLETE_MARKER = ".complete"
 
@@ -28,13 +28,11 @@ def chorales_to_midi(out_dir: Path, progress: bool = True) -> Path:
     target = out_dir / f"{source.stem}.mid"
     if target.exists():
       continue
-    tmp = target.with_suffix(".mid.tmp")
     try:
-      converter.parse(source, forceSource=True).write("midi", fp=str(tmp))
+      with atomic.replacing(target) as tmp:
+        converter.parse(source, forceSource=True).write("midi", fp=str(tmp))
     except Exception as error:  # music21 raises many types on a badly formed score; skip that score.
       skipped.append(f"{source.name} ({type(error).__name__})")
-      continue
-    os.replace(tmp, target)
   if skipped:
     print(f"skipped {len(skipped)} chorales music21 could not convert: {', '.join(skipped)}", file=sys.stderr)
   (out_dir / COMPLETE_MARKER).touch()
@@ -44,7 +42,7 @@ def chorales_to_midi(out_dir: Path, progress: bool = True) -> Path:
 def run_demo(home: str | os.PathLike | None = None, *, steps: int = 3000, num_files: int = 4,
              progress: bool = True) -> list[Path]:
   """Prepares the chorales, trains `configs/tiny.py` for `steps` steps (resuming if run before), generates."""
-  from musicgen_jax import prepare, sampling, train
+  from musicgen_jax import generate, plots, prepare, train
   from musicgen_jax.config import apply_overrides, load_config
 
   root = Path(home or paths.home()) / "demo"
@@ -53,9 +51,18 @@ def run_demo(home: str | os.PathLike | None = None, *, steps: int = 3000, num_fi
   prepare.prepare_corpus([str(midi_dir)], data_dir, workers=os.cpu_count() or 1, filter_text=None,
                          progress=progress)
   config = apply_overrides(load_config("tiny"), [f"data.dir={data_dir}", f"train.steps={steps}"])
-  train.train_and_evaluate(config, root / "run", progress=progress)
-  files = sampling.generate(root / "run", root / "generated", num=num_files, length=512,
-                            batch_size=num_files, seed=0, progress=progress)
-  for path in files:
-    print(path)
+  train.train_and_evaluate(config, root / "run", progress=progress, samples=plots.log_samples)
+  files = generate.generate(root / "run", root / "generated", num=num_files, length=512,
+                            batch_size=num_files, seed=0, overwrite=True, progress=progress)
+  run, generated = root / "run", root / "generated"
+  print("\n".join([
+      f"Generated {len(files)} MIDI files:", *(f"  {path}" for path in files),
+      f"The trained run is {run} (config.json, checkpoints/, metrics.jsonl, TensorBoard logs in tensorboard/).",
+      "Try next:",
+      f"  musicgen generate --workdir {run} --out {generated} --num 16 --seconds 30 --overwrite",
+      f"  musicgen stats {generated} --reference {data_dir}     # how the samples compare with the chorales",
+      f"  musicgen plot {run}                                    # training curves",
+      f"  musicgen evaluate --workdir {run} --data {data_dir}     # NLL per event, bits per note",
+      "  musicgen prepare /path/to/maestro-v3.0.0 --out data/maestro   # then train configs/default.py on it",
+  ]))
   return files

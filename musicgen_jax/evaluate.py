@@ -28,15 +28,17 @@ def prepared_data(data: str | os.PathLike, sustain: bool) -> Path:
 
 def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: str = "validation",
                  checkpoint: str | int = "latest") -> dict[str, Any]:
-  """`pitch_nll`, `pitch_accuracy`, `dt_mae_ms`, `velocity_rmse`, `events` and `step` of one checkpoint."""
+  """The metrics of one checkpoint (`steps.Trainer.evaluate`) and its `step`: per-component NLL in nats/event
+  (pitch, time, velocity; for regression heads from the Laplace and Gaussian fitted on `split`), the
+  total, bits per note and per second, pitch accuracy and, for regression heads, dt MAE and velocity RMSE."""
   from musicgen_jax import config as config_lib
-  from musicgen_jax import input_pipeline, train
+  from musicgen_jax import checkpointing, input_pipeline, steps
 
   run_config = config_lib.read_config(workdir)
   data_dir = prepared_data(data, run_config.data.sustain)
   if not store.has_split(data_dir, split):
     raise UserError(f"{data_dir} has no {split!r} split: choose one with --split (e.g. train, validation)")
-  run = train.load_run(workdir, checkpoint)
-  trainer = train.Trainer(run.config)
-  metrics = trainer.evaluate(run.params, input_pipeline.eval_batches(run.config, data_dir, split))
+  run = checkpointing.load_run(workdir, checkpoint)
+  trainer = steps.Trainer(run.config)
+  metrics = trainer.evaluate(run.params, input_pipeline.eval_batches(run.config, data_dir, split), fit_likelihood=True)
   return {**metrics, "step": run.step}

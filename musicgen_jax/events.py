@@ -28,6 +28,8 @@ WRITE_QPM = 120.0
 # At 120 qpm one tick is 1/3840 s: a refinement of the 1/768 s grid of MAESTRO (384 per quarter,
 # 120 qpm), so its times survive a write unchanged, and 0.13 ms at most off for other files.
 WRITE_TICKS_PER_QUARTER = 1920
+TICKS_PER_SECOND = WRITE_TICKS_PER_QUARTER * WRITE_QPM / 60.0
+MIN_NOTE_TICKS = round(MIN_NOTE_SECONDS * TICKS_PER_SECOND)
 # pretty_midi holds one float per tick of the whole file, several times over: 2e7 ticks (over 5 hours at
 # 480 per quarter, 120 qpm) take about 0.6 GB. note-seq allows 1e10, enough to exhaust any memory.
 MAX_TICKS = 2 * 10**7
@@ -259,22 +261,6 @@ def midi_to_events(path: str | os.PathLike, sustain: bool = True) -> Events:
   return note_sequence_to_events(read_note_sequence(path, sustain=sustain))
 
 
-def _closing_releases(pitch: np.ndarray, is_onset: np.ndarray) -> np.ndarray:
-  """For each event, the index of the release that ends it if it is a closed onset, else -1.
-
-  A release closes the earliest open onset of its pitch; a release with no onset open is ignored.
-  """
-  closing = np.full(len(pitch), -1, np.int64)
-  for value in np.unique(pitch[is_onset]):
-    index = np.flatnonzero(pitch == value)
-    onset = is_onset[index]
-    # The running low of (onsets - releases) drops exactly at the releases with nothing open.
-    low = np.minimum.accumulate(np.minimum(np.cumsum(np.where(onset, 1, -1)), 0))
-    releases = index[~onset & (low == np.concatenate([[0], low[:-1]]))]
-    closing[index[onset][:len(releases)]] = releases
-  return closing
-
-
 class Notes(NamedTuple):
   """The notes of an event stream in onset order: pitch, velocity, start and end in seconds."""
 
@@ -284,21 +270,46 @@ class Notes(NamedTuple):
   end: np.ndarray
 
 
+def _next_of_pitch(pitch: np.ndarray, value: np.ndarray, default: int) -> np.ndarray:
+  """For each entry of arrays sorted by pitch, `value` at the next entry of its pitch (`default` for the last)."""
+  after = np.full(len(value), default, np.int64)
+  same = pitch[1:] == pitch[:-1]
+  after[:-1][same] = value[1:][same]
+  return after
+
+
 def note_arrays(events: Events) -> Notes:
   """The piano notes of an event stream, in stream order (no need to be canonical), as arrays.
 
-  Each release ends the earliest open onset of its pitch; onsets still open at the end last until the
-  last event, and notes that would last no time at all get MIN_NOTE_SECONDS.
+  The stream is played as on a piano: an onset starts a note of its pitch and ends the one still sounding
+  there (a re-strike); a release ends the sounding note of its pitch, if any; notes sounding at the end
+  last until the last event. Times are on the tick grid of written files, where onsets of one pitch at
+  one tick make one note (the loudest), and a note that would last no time gets MIN_NOTE_SECONDS, cut
+  short at the next onset of its pitch. So, from any stream, the notes of a pitch never overlap and each
+  lasts a tick at least: every file written closes each note it opens (pretty_midi writes the note-off
+  first at equal ticks, so a note without length would sound forever).
   """
+  dt = np.asarray(events.dt, np.float64)
+  ticks = np.rint(np.cumsum(np.where(dt > 0, dt, 0.0)) * TICKS_PER_SECOND).astype(np.int64)
   pitch = np.asarray(events.pitch, np.int64)
-  velocity = np.asarray(events.velocity, np.int64)
-  time = np.cumsum(events.dt, dtype=np.float64)
+  index = np.argsort(pitch, kind="stable")  # by pitch, each pitch in stream order
+  pitch, velocity, ticks = pitch[index], np.asarray(events.velocity, np.int64)[index], ticks[index]
+  # An onset's note ends at the next event of its pitch (a release or a re-strike), else at the last event.
+  end = _next_of_pitch(pitch, ticks, ticks.max(initial=0))
   onset = velocity > 0
-  closing = _closing_releases(pitch, onset)[onset]
-  start = time[onset]
-  end = np.where(closing >= 0, time[closing], time[-1] if len(time) else 0.0)
-  end = np.where(end > start, end, start + MIN_NOTE_SECONDS)
-  return Notes(pitch[onset], np.clip(velocity[onset], 1, 127), start, end)
+  index, pitch, velocity, start, end = index[onset], pitch[onset], velocity[onset], ticks[onset], end[onset]
+  # Onsets of one pitch at one tick: the last one stays (the others end at once), at the loudest velocity.
+  first = np.ones(len(start), bool)
+  first[1:] = (pitch[1:] != pitch[:-1]) | (start[1:] != start[:-1])
+  loudest = np.maximum.reduceat(velocity, np.flatnonzero(first))
+  last = np.ones(len(start), bool)
+  last[:-1] = first[1:]
+  index, pitch, start, end = index[last], pitch[last], start[last], end[last]
+  next_onset = _next_of_pitch(pitch, start, np.iinfo(np.int64).max)
+  end = np.where(end > start, end, np.minimum(start + MIN_NOTE_TICKS, next_onset))
+  order = np.argsort(index)
+  return Notes(pitch[order], np.clip(loudest[order], 1, 127), start[order] / TICKS_PER_SECOND,
+               end[order] / TICKS_PER_SECOND)
 
 
 def events_to_note_sequence(events: Events) -> music_pb2.NoteSequence:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Sequence, TextIO
 
-from musicgen_jax import paths
+from musicgen_jax import paths, rundir
 from musicgen_jax.errors import UserError
 
 MIDI_ENV = "MUSICGEN_MIDI"
@@ -65,7 +65,7 @@ class Menu:
 def list_runs() -> list[Path]:
   """Run folders under $MUSICGEN_HOME/runs, by name."""
   runs = paths.runs_dir()
-  return sorted(p for p in runs.iterdir() if (p / "config.json").is_file()) if runs.is_dir() else []
+  return sorted(p for p in runs.iterdir() if rundir.is_run(p)) if runs.is_dir() else []
 
 
 def default_midi_source() -> str:
@@ -99,7 +99,7 @@ def new_run(menu: Menu) -> tuple[Path, list[str], str]:
 
 def train_menu(menu: Menu) -> None:
   """[0] creates a new model, a number continues that run; training stops on Ctrl+C and saves."""
-  from musicgen_jax import checkpointing, train
+  from musicgen_jax import checkpointing, plots, train
   from musicgen_jax.config import run_config
 
   runs = list_runs()
@@ -110,18 +110,18 @@ def train_menu(menu: Menu) -> None:
     workdir, overrides, config_name = runs[picked - 1], [], None
   steps = menu.ask_steps()
   if steps is not None:
-    manager = checkpointing.checkpoint_manager(workdir) if (workdir / "checkpoints").is_dir() else None
+    manager = checkpointing.checkpoint_manager(workdir) if rundir.checkpoint_dir(workdir).is_dir() else None
     done = (manager.latest_step() or 0) if manager else 0
     overrides.append(f"train.steps={done + steps}")
   config = run_config(workdir, config_name, None, overrides)
   menu.say(f"Training {workdir.name}; press Ctrl+C to stop and save.")
-  state = train.train_and_evaluate(config, workdir)
-  menu.say(f"Saved {workdir.name} at step {int(state.step)} in {workdir / 'checkpoints'}.")
+  state = train.train_and_evaluate(config, workdir, samples=plots.log_samples)
+  menu.say(f"Saved {workdir.name} at step {int(state.step)} in {rundir.checkpoint_dir(workdir)}.")
 
 
 def generate_menu(menu: Menu) -> None:
   """Picks a run and writes one new track into $MUSICGEN_HOME/generated/<run>."""
-  from musicgen_jax import sampling
+  from musicgen_jax import generate
 
   runs = list_runs()
   if not runs:
@@ -131,7 +131,7 @@ def generate_menu(menu: Menu) -> None:
   run = runs[picked - 1]
   out_dir = paths.outputs_dir() / run.name
   seed = len(list(out_dir.glob("*.mid"))) if out_dir.is_dir() else 0
-  files = sampling.generate(run, out_dir, num=1, length=1024, batch_size=1, seed=seed, prefix=f"track{seed:04d}")
+  files = generate.generate(run, out_dir, num=1, length=1024, batch_size=1, seed=seed, prefix=f"track{seed:04d}")
   menu.say(f"Wrote {files[0]}")
 
 

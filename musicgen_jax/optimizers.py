@@ -12,7 +12,9 @@ import jax
 import ml_collections
 import optax
 
-LABELS = ("pitch", "time", "velocity")
+from musicgen_jax.losses import HEADS
+
+LABELS = HEADS  # One optimizer per head, named after it.
 HEAD_OF_LABEL = {"time": "time_head", "velocity": "velocity_head"}
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from musicgen_jax import events
+from musicgen_jax import events, rundir
 from musicgen_jax.errors import UserError
 from musicgen_jax.store import Events
 
@@ -31,7 +31,6 @@ PANEL_COLUMNS = 3
 DPI = 100
 SKIPPED_METRICS = ("events",)  # Counts rather than metrics.
 PHASES = ("train", "eval")
-SAMPLES_DIR = "samples"
 
 
 def new_figure(size: tuple[float, float]) -> Figure:
@@ -98,9 +97,7 @@ def write_piano_rolls(midi_paths: list[Path]) -> list[Path]:
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, dict[int, float]]:
   """The train/* and eval/* series of RUN/metrics.jsonl: key -> {step: value}, a resumed run's later values winning."""
-  from musicgen_jax.train import METRICS_FILE
-
-  path = Path(run_dir) / METRICS_FILE
+  path = rundir.metrics_file(run_dir)
   if not path.is_file():
     raise UserError(f"{path} does not exist: give a run folder that `musicgen train` has logged to")
   series: dict[str, dict[int, float]] = {}
@@ -144,7 +141,7 @@ def write_curves(run_dir: str | os.PathLike) -> Path:
   run_dir = Path(run_dir)
   if not run_dir.is_dir():
     raise UserError(f"run folder {run_dir} does not exist: give one that `musicgen train --workdir` wrote")
-  return save(curves(read_metrics(run_dir), run_dir.name), run_dir / "curves.png")
+  return save(curves(read_metrics(run_dir), run_dir.name), rundir.curves_file(run_dir))
 
 
 def plot(path: str | os.PathLike) -> Path:
@@ -168,17 +165,16 @@ def log_samples(run_dir: str | os.PathLike, graphdef: nnx.GraphDef, params: nnx.
   """
   import jax
 
-  from musicgen_jax import sampling
+  from musicgen_jax import generate, sampling
 
   settings = sampling.make_settings(config)
   state, event = sampling.prime_compiled(graphdef, params, None)
   keys = sampling.sequence_keys(config.seed, 0, num)
-  batch = jax.device_get(sampling.sample_compiled(graphdef, params, state, event, keys, settings, length))
-  out_dir = sampling.make_out_dir(Path(run_dir) / SAMPLES_DIR / f"step_{step}")
-  paths = sampling.output_paths(out_dir, "sample", num)
+  batch = jax.device_get(sampling.sample_compiled(graphdef, params, state, event, keys, settings, length)[0])
+  paths = generate.output_paths(generate.make_out_dir(rundir.samples_dir(run_dir, step)), "sample", num)
   for row, path in enumerate(paths):
     stream = sampling.to_events(batch, row)
-    sampling.write_atomically(stream, path)
+    generate.write_midi(stream, path)
     image = pixels(piano_roll(stream, f"step {step}, sample {row}"))
     writer.add_image(f"samples/{row}", image, step, dataformats="HWC")
   return paths

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from musicgen_jax import events, store
+from musicgen_jax import atomic, events, store
 from musicgen_jax.errors import UserError
 
 MIDI_SUFFIXES = (".mid", ".midi", ".smf")
@@ -139,10 +139,8 @@ def cache_file(cache_dir: Path, path: Path, sustain: bool) -> Path:
 def write_cache(file: Path, outcome: store.Events | str) -> None:
   """Saves events, or the reason a file is unusable, atomically (a temporary file renamed into place)."""
   arrays = {"reason": np.array(outcome)} if isinstance(outcome, str) else {f: getattr(outcome, f) for f in store.FIELDS}
-  tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-  with open(tmp, "wb") as f:
+  with atomic.replacing(file) as tmp, open(tmp, "wb") as f:
     np.savez(f, **arrays)
-  os.replace(tmp, file)
 
 
 def cached_reason(file: Path) -> str | None:

@@ -7,19 +7,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from pathlib import Path
 from typing import Iterator
 
+from musicgen_jax import rundir
 from musicgen_jax.errors import UserError
-
-LOCK_FILE = ".lock"
 
 
 @contextlib.contextmanager
 def run_lock(workdir: str | os.PathLike) -> Iterator[None]:
   """Holds the run folder's lock for the duration; a UserError if another live process holds it."""
-  path = Path(workdir) / LOCK_FILE
-  with open(path, "a+") as handle:
+  with open(rundir.lock_file(workdir), "a+") as handle:
     try:
       fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -1,8 +1,16 @@
-"""Generation: one jitted `lax.scan` that carries every LSTM layer's state and samples B sequences at once.
+"""The sampler: one jitted `lax.scan` that carries every LSTM layer's state and samples B sequences at once
+(pure: no files; `generate` writes them).
 
-Each step feeds the previous event (one position) to the model from the carried state, samples the
-pitch (temperature, then top-k and top-p), reads dt and velocity from their heads and feeds that event
-back, so a step costs one position whatever the length (the original re-ran a 256-event window).
+Each step feeds the previous event (one position) to the model from the carried state, draws the next
+event and feeds it back, so a step costs one position whatever the length (the original re-ran a
+256-event window). The loop carries which pitches sound, so that a release always names a sounding
+pitch and an onset a silent one:
+  * distribution heads (`draw_event`): every sub-event is drawn from its head in the model's order,
+    each head reading those drawn before it, restricted by `allowed_classes`; the pitch with
+    temperature, top-k and top-p, time and velocity with temperatures of their own;
+  * regression heads (`next_event`): onset or release is decided by the predicted velocity against
+    `sample.release_threshold`, then the pitch is drawn among the sounding pitches for a release and
+    the silent ones for an onset; dt and velocity are the heads' point predictions.
 
 Every sequence starts from a batch-1 `(state, event)` broadcast to the batch:
   * without a primer, the zero state and START_EVENT, a release of middle C at dt 0. Training windows
@@ -12,11 +20,6 @@ Every sequence starts from a batch-1 `(state, event)` broadcast to the batch:
   * with a primer of P events, the state after the first P - 1 (one model call over them, no loop)
     and the primer's last event, so the first generated event continues the primer.
 
-The heads are sampled independently, so nothing makes a sampled release name a sounding pitch: left
-alone, releases miss and notes hang. The loop therefore carries which pitches sound, decides
-onset or release from the velocity head first, and then draws the pitch among the sounding pitches
-for a release and among the silent ones for an onset.
-
 Sequence i of a call draws from `fold_in(key(seed), i)` and step t of it from `fold_in(that, t)`, so
 the same arguments write the same bytes. Another batch size draws the same random numbers, but the
 matmuls of another shape may round differently, which can change a file.
@@ -25,9 +28,7 @@ matmuls of another shape may round differently, which can change a file.
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
-from typing import Iterator, Mapping, NamedTuple, TypeVar
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +41,9 @@ from musicgen_jax import distributions, models, store
 from musicgen_jax.errors import UserError
 
 START_EVENT = {"pitch": 60, "dt": 0.0, "velocity": 0.0}  # A release of middle C at dt 0.
-MAX_SEED = 2**63
-DEFAULT_PRIMER_EVENTS = 2048  # A primer's events used when the caller names no count: enough to set the state.
 
 Event = dict[str, jax.Array]  # pitch int32, dt float32 seconds, velocity float32 MIDI units; [batch] or [batch, time].
 State = tuple[models.LSTMState, ...]
-T = TypeVar("T")
 
 
 class Settings(NamedTuple):
@@ -221,9 +219,12 @@ def prime(model: models.MusicLSTM, primer: Event) -> tuple[State, Event]:
 
 
 def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array, settings: Settings,
-           length: int, sounding: jax.Array | None = None) -> Event:
+           length: int, sounding: jax.Array | None = None,
+           first_step: jax.Array | int = 0) -> tuple[Event, tuple[State, Event, jax.Array]]:
   """`length` events [B, length] for each key of `keys` [B], continuing `event` from `state` (batch 1 or B)
-  with the pitches in `sounding` [1 or B, 128] sounding (default: none).
+  with the pitches in `sounding` [1 or B, 128] sounding (default: none), and the carry (state, last
+  event, sounding pitches) to continue from. Steps are numbered from `first_step`: a continuation from
+  the carry with `first_step=length` draws what one call of twice the length would.
   """
   batch = keys.shape[0]
   if sounding is None:
@@ -242,8 +243,8 @@ def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array,
       event = draw_event(model, features[0], step_keys(keys, t), settings, sounding)
     return (state, event, update_sounding(sounding, event)), event
 
-  _, events = jax.lax.scan(step, (state, event, sounding), jnp.arange(length))
-  return jax.tree.map(lambda x: x.T, events)
+  carry, events = jax.lax.scan(step, (state, event, sounding), jnp.arange(length) + first_step)
+  return jax.tree.map(lambda x: x.T, events), carry
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -255,9 +256,10 @@ def prime_compiled(graphdef: nnx.GraphDef, params: nnx.State, primer: Event | No
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "length"))
 def sample_compiled(graphdef: nnx.GraphDef, params: nnx.State, state: State, event: Event, keys: jax.Array,
-                    settings: Settings, length: int, sounding: jax.Array | None = None) -> Event:
+                    settings: Settings, length: int, sounding: jax.Array | None = None,
+                    first_step: jax.Array | int = 0) -> tuple[Event, tuple[State, Event, jax.Array]]:
   """`sample` of the model `graphdef` with `params`: compiled once per (batch, length, model)."""
-  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, sounding)
+  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, sounding, first_step)
 
 
 def device_placement(batch: int) -> tuple[NamedSharding, NamedSharding]:
@@ -270,126 +272,3 @@ def device_placement(batch: int) -> tuple[NamedSharding, NamedSharding]:
 def to_events(batch: Mapping[str, np.ndarray], row: int) -> store.Events:
   """Row `row` of a sampled batch [B, length] as a stored event stream."""
   return store.Events(*(np.asarray(batch[f][row]).astype(store.DTYPES[f]) for f in store.FIELDS))
-
-
-def take(events: store.Events, count: int | None) -> store.Events:
-  """The first `count` events (all with None)."""
-  return store.Events(*(getattr(events, f)[:count] for f in store.FIELDS))
-
-
-def check_options(*, num: int, length: int, batch_size: int, temperature: float, top_k: int, top_p: float,
-                  seed: int, primer: str | os.PathLike | None, primer_events: int | None, keep_primer: bool,
-                  prefix: str) -> None:
-  """Raises a UserError naming the first option out of range."""
-  for name, value in (("num", num), ("length", length), ("batch size", batch_size)):
-    if value < 1:
-      raise UserError(f"the {name} must be at least 1, not {value}")
-  if not 0.0 < temperature < float("inf"):
-    raise UserError(f"the temperature must be a positive number, not {temperature}")
-  if top_k < 0:
-    raise UserError(f"top-k must be 0 (off) or a positive number of pitches, not {top_k}")
-  if not 0.0 < top_p <= 1.0:
-    raise UserError(f"top-p must be in (0, 1] (1: off), not {top_p}")
-  if not -MAX_SEED <= seed < MAX_SEED:
-    raise UserError(f"the seed must be between -2**63 and 2**63 - 1, not {seed}")
-  if primer_events is not None and primer is None:
-    raise UserError("--primer-events needs a primer: pass --primer FILE.mid")
-  if keep_primer and primer is None:
-    raise UserError("--keep-primer needs a primer: pass --primer FILE.mid")
-  if primer_events is not None and primer_events < 1:
-    raise UserError(f"--primer-events must be at least 1, not {primer_events}")
-  if not prefix or any(sep and sep in prefix for sep in ("/", "\\", os.sep, os.altsep, "\0")):
-    raise UserError(f"the file name prefix {prefix!r} must be a non-empty name without path separators")
-
-
-def read_primer(path: str | os.PathLike, count: int | None, sustain: bool) -> store.Events:
-  """The first `count` events (default DEFAULT_PRIMER_EVENTS) of a primer MIDI file; a UserError if it
-  can't be read or has no notes.
-  """
-  from musicgen_jax import events
-
-  try:
-    primer = events.midi_to_events(path, sustain=sustain)
-  except events.MidiReadError as error:
-    raise UserError(f"cannot read primer {path}: {error}") from None
-  if not len(primer):
-    raise UserError(f"primer {path} has no notes")
-  return take(primer, DEFAULT_PRIMER_EVENTS if count is None else count)
-
-
-def output_paths(out_dir: Path, prefix: str, num: int) -> list[Path]:
-  """`out_dir/<prefix>_<i>.mid` for i < num, zero-padded so that the names sort in order."""
-  width = len(str(num - 1))
-  return [out_dir / f"{prefix}_{i:0{width}d}.mid" for i in range(num)]
-
-
-def make_out_dir(out_dir: str | os.PathLike) -> Path:
-  """Creates the output folder if needed; a UserError if it can't be."""
-  out_dir = Path(out_dir)
-  try:
-    out_dir.mkdir(parents=True, exist_ok=True)
-  except OSError as error:
-    raise UserError(f"cannot create output folder {out_dir} ({error.strerror or error})") from None
-  return out_dir
-
-
-def one_ahead(items: Iterator[T]) -> Iterator[T]:
-  """Yields each item after starting the next, so that JAX's asynchronous dispatch overlaps both."""
-  previous = next(items, None)
-  for item in items:
-    yield previous
-    previous = item
-  if previous is not None:
-    yield previous
-
-
-def write_atomically(events: store.Events, path: Path) -> None:
-  """Writes a MIDI file under a temporary name, renamed into place: a kill never leaves half a file."""
-  from musicgen_jax.events import write_midi
-
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  write_midi(events, tmp)
-  os.replace(tmp, path)
-
-
-def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int = 1, length: int = 512,
-             batch_size: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             primer: str | os.PathLike | None = None, primer_events: int | None = None, keep_primer: bool = False,
-             checkpoint: str | int = "latest", prefix: str = "sample", progress: bool = True) -> list[Path]:
-  """Writes `num` MIDI files of `length` generated events each from a run's checkpoint; returns their paths.
-
-  Files are sampled `batch_size` at a time (the last batch padded, so one compile serves all) and
-  written as each batch is done. With `primer`, its first `primer_events` events (default
-  DEFAULT_PRIMER_EVENTS) warm the model up and, with `keep_primer`, open every file. Every user
-  mistake is a UserError.
-  """
-  from tqdm import tqdm
-
-  from musicgen_jax import train
-
-  check_options(num=num, length=length, batch_size=batch_size, temperature=temperature, top_k=top_k,
-                top_p=top_p, seed=seed, primer=primer, primer_events=primer_events, keep_primer=keep_primer,
-                prefix=prefix)
-  run = train.load_run(workdir, checkpoint)
-  primer_stream = None if primer is None else read_primer(primer, primer_events, run.config.data.sustain)
-  paths = output_paths(make_out_dir(out_dir), prefix, num)
-  settings = make_settings(run.config.sample, temperature=temperature, top_k=top_k, top_p=top_p)
-  primer_inputs = None if primer_stream is None else as_inputs(primer_stream)
-  batch = min(batch_size, num)
-  replicated, sharded = device_placement(batch)
-  params = jax.device_put(run.params, replicated)
-  state, event = jax.device_put(prime_compiled(run.graphdef, params, primer_inputs), replicated)
-  sounding = None if primer_inputs is None else jax.device_put(jax.jit(sounding_after)(primer_inputs), replicated)
-  batches = one_ahead((first, sample_compiled(run.graphdef, params, state, event,
-                                              jax.device_put(sequence_keys(seed, first, batch), sharded), settings,
-                                              length, sounding))
-                      for first in range(0, num, batch))
-  with tqdm(total=num, unit="file", desc="generating", disable=not progress, dynamic_ncols=True) as bar:
-    for first, sampled in batches:
-      sampled = jax.device_get(sampled)
-      for row, path in enumerate(paths[first:first + batch]):
-        continuation = to_events(sampled, row)
-        write_atomically(store.Events.concatenate([primer_stream, continuation]) if keep_primer
-                         else continuation, path)
-        bar.update(1)
-  return paths

@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from musicgen_jax import atomic
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"  # Written last: a store without it is incomplete and never read.
 FIELDS = ("pitch", "dt", "velocity")
@@ -73,9 +75,7 @@ def has_split(root: str | os.PathLike, split: str) -> bool:
 
 def write_manifest(root: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
   """Writes the manifest atomically, as the last step of writing a store: it marks the store complete."""
-  tmp = Path(root) / f".{MANIFEST}.tmp-{os.getpid()}"
-  tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-  os.replace(tmp, Path(root) / MANIFEST)
+  atomic.write_text(Path(root) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def write_corpus(root: str | os.PathLike, splits: Mapping[str, Sequence[Events]]) -> Path:
@@ -92,22 +92,13 @@ def write_corpus(root: str | os.PathLike, splits: Mapping[str, Sequence[Events]]
 def write_split(root: str | os.PathLike, split: str, pieces: Sequence[Events]) -> Path:
   """Writes the pieces of one split atomically: a temporary folder renamed into place."""
   final = split_dir(root, split)
-  tmp = final.with_name(f".{split}.tmp-{os.getpid()}")
-  tmp.mkdir(parents=True, exist_ok=True)
   merged = Events.concatenate(pieces)
   offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces], dtype=np.int64)]).astype(np.int64)
-  for field in FIELDS:
-    np.save(tmp / f"{field}.npy", getattr(merged, field))
-  np.save(tmp / "offsets.npy", offsets)
-  if final.exists():
-    old = final.with_name(f".{split}.old-{os.getpid()}")
-    final.rename(old)
-    tmp.rename(final)
-    for f in old.iterdir():
-      f.unlink()
-    old.rmdir()
-  else:
-    tmp.rename(final)
+  with atomic.replacing(final) as tmp:
+    tmp.mkdir(parents=True, exist_ok=True)
+    for field in FIELDS:
+      np.save(tmp / f"{field}.npy", getattr(merged, field))
+    np.save(tmp / "offsets.npy", offsets)
   return final
 
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from musicgen_jax import models, sampling, train
+from musicgen_jax import models, sampling, steps
 from musicgen_jax.config import apply_overrides, load_config
 
 ORIGINAL_EVENTS_PER_CALL = 4
@@ -65,7 +65,7 @@ def jax_scan(graphdef: nnx.GraphDef, params: nnx.State, settings: sampling.Setti
   state, event = sampling.prime_compiled(graphdef, params, None)
   keys = sampling.sequence_keys(0, 0, batch)
   return lambda: jax.block_until_ready(sampling.sample_compiled(graphdef, params, state, event, keys, settings,
-                                                                length))
+                                                                length)[0])
 
 
 def original_loop(graphdef: nnx.GraphDef, params: nnx.State, settings: sampling.Settings,
@@ -157,10 +157,10 @@ def main() -> None:
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   config = apply_overrides(load_config(args.config), ["sample.release_threshold=32.0", *args.overrides])
-  graphdef, state = train.create_train_state(config)
+  graphdef, state = steps.create_train_state(config)
   settings = sampling.make_settings(config)
   regression = apply_overrides(config, ["model.heads=regression"])
-  regression_graphdef, regression_state = train.create_train_state(regression)
+  regression_graphdef, regression_state = steps.create_train_state(regression)
   has_torch = torch_available()
   load_before = os.getloadavg()[0]
 

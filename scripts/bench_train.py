@@ -1,7 +1,7 @@
 """Training throughput of the jitted train step against a GEMM roof and a PyTorch reference.
 
 Runs the real `Trainer.train_steps` as the training loop does (three optimizers, donated state,
-`train.execution_steps` steps per call) on batches shaped like the config's, so that the steps alone
+`steps.execution_steps` steps per call) on batches shaped like the config's, so that the steps alone
 are measured; `scripts/bench_data.py` measures the input pipeline.
 In the same process it measures the GEMM roof with jax (a 2048^3 matmul of the model's compute
 dtype, accumulated in float32) and a plain PyTorch model of the same shapes (`torch_reference.py`:
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from musicgen_jax import models, train
+from musicgen_jax import models, steps
 from musicgen_jax.config import apply_overrides, load_config
 from torch_reference import TorchStep, synthetic_batch
 
@@ -70,11 +70,11 @@ def gemm_roof(dtype: str, repeats: int = 10) -> float:
 
 
 class JaxStep:
-  """Our compiled `Trainer.train_steps` as the training loop calls it (`train.execution_steps` steps per
+  """Our compiled `Trainer.train_steps` as the training loop calls it (`steps.execution_steps` steps per
   call), stepping its own state on one fixed batch."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    trainer = train.Trainer(config)
+    trainer = steps.Trainer(config)
     self.steps_per_call = trainer.steps_per_execution
     batch = synthetic_batch(config.train.batch_size, config.data.window)
     self.batches = trainer.shard_batches([batch] * self.steps_per_call)
@@ -104,7 +104,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="default")
   parser.add_argument("--steps", type=int, default=3,
-                      help="timed calls per round and framework (a jax call runs train.execution_steps steps)")
+                      help="timed calls per round and framework (a jax call runs steps.execution_steps steps)")
   parser.add_argument("--rounds", type=int, default=4, help="alternating jax/PyTorch rounds; the best is kept")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
   parser.add_argument("overrides", nargs="*")
@@ -114,12 +114,12 @@ def main() -> None:
   load_start = os.getloadavg()[0]
 
   jax_step = JaxStep(config)
-  steps = {"jax": jax_step}
+  runners = {"jax": jax_step}
   if torch is not None:
-    steps["torch"] = TorchStep(config, torch)
-  step_s, roof = {name: float("inf") for name in steps}, 0.0
+    runners["torch"] = TorchStep(config, torch)
+  step_s, roof = {name: float("inf") for name in runners}, 0.0
   for round_index in range(args.rounds):
-    order = list(steps.items())[::-1 if round_index % 2 else 1]
+    order = list(runners.items())[::-1 if round_index % 2 else 1]
     for name, step in order:
       step_s[name] = min(step_s[name], timed(step, args.steps) / step.steps_per_call)
     roof = max(roof, gemm_roof(config.model.dtype))

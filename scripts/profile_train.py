@@ -59,7 +59,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default="default")
   parser.add_argument("--steps", type=int, default=2,
-                      help="traced calls (after one untraced warm-up), each of train.execution_steps steps")
+                      help="traced calls (after one untraced warm-up), each of steps.execution_steps steps")
   parser.add_argument("--top", type=int, default=30, help="ops to print")
   parser.add_argument("--trace-dir", type=Path, default=None, help="where to keep the trace (default: a temporary folder)")
   parser.add_argument("overrides", nargs="*")

@@ -6,7 +6,7 @@ import wave
 import numpy as np
 import pytest
 
-from musicgen_jax import audio, cli, events, sampling
+from musicgen_jax import audio, cli, events, generate
 from musicgen_jax.errors import UserError
 from musicgen_jax.store import Events
 
@@ -66,14 +66,14 @@ def test_missing_soundfont_says_how_to_install_it(monkeypatch, tmp_path):
 
 def fake_generate(workdir, out_dir, **kwargs):
   """Writes the scale as every file instead of sampling a model."""
-  paths = sampling.output_paths(sampling.make_out_dir(out_dir), kwargs["prefix"], kwargs["num"])
+  paths = generate.output_paths(generate.make_out_dir(out_dir), kwargs["prefix"], kwargs["num"])
   for path in paths:
     events.write_midi(SCALE, path)
   return paths
 
 
 def generate_wav(capsys, monkeypatch, tmp_path):
-  monkeypatch.setattr(sampling, "generate", fake_generate)
+  monkeypatch.setattr(generate, "generate", fake_generate)
   code = cli.main(["generate", "--workdir", str(tmp_path), "--out", str(tmp_path / "out"), "--num", "2", "--wav"])
   out, err = capsys.readouterr()
   return code, out, err

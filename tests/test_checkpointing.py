@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from musicgen_jax import checkpointing, cli, sampling, store, train
+from musicgen_jax import checkpointing, cli, generate, steps, store
 from musicgen_jax.config import apply_overrides, load_config, save_config
 from musicgen_jax.errors import UserError
 from tests.test_train import scale_corpus
@@ -100,7 +100,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_previous_one_restores(cor
     assert result.returncode == 2, result.stderr[-3000:]
     assert err == (f"musicgen: error: could not write checkpoint 40 to {checkpoints}: {reason}: {hint} or point "
                    "--workdir elsewhere; checkpoint 20 is intact\n")
-    assert train.load_run(workdir).step == 20
+    assert checkpointing.load_run(workdir).step == 20
   finally:
     subprocess.run(["umount", "-l", str(checkpoints)], check=False)
 
@@ -111,7 +111,7 @@ def make_run(workdir: Path, corpus: Path, hidden: int) -> None:
                                                  "sample.release_threshold=40", "train.steps=3"])
   workdir.mkdir(parents=True)
   save_config(config, workdir)
-  _, state = train.create_train_state(config)
+  _, state = steps.create_train_state(config)
   with checkpointing.closing(checkpointing.checkpoint_manager(workdir)) as manager:
     for step in (1, 2):
       checkpointing.save(manager, step, state, None)
@@ -173,9 +173,9 @@ def test_a_bad_checkpoint_or_config_is_one_line_and_exit_2(corpus, tmp_path, cap
 
 PEAK_RSS = """
 import resource, sys
-from musicgen_jax import sampling
+from musicgen_jax import generate
 
-sampling.generate(sys.argv[1], sys.argv[2], num=int(sys.argv[3]), length=64, batch_size=64, progress=False)
+generate.generate(sys.argv[1], sys.argv[2], num=int(sys.argv[3]), length=64, batch_size=64, progress=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -208,8 +208,8 @@ def test_output_names_never_leave_the_out_folder(tmp_path, prefix):
                  primer_events=None, keep_primer=False)
   out = tmp_path / "out"
   try:
-    sampling.check_options(**options, prefix=prefix)
+    generate.check_options(**options, prefix=prefix)
   except UserError:
     return
-  for path in sampling.output_paths(out, prefix, 3):
+  for path in generate.output_paths(out, prefix, 3):
     assert path.resolve().parent == out.resolve(), path

@@ -1,6 +1,7 @@
 """The command line: every user mistake is one line and exit 2; the menu works through a pipe."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -152,11 +153,30 @@ def test_evaluate_prints_deterministic_json(capsys, trained_run, midi_folder, tm
                          "--split", "train")
   assert code == 0
   first = json.loads(out)
-  assert set(first) == {"pitch_nll", "pitch_accuracy", "dt_mae_ms", "velocity_rmse", "events", "step"}
+  assert set(first) == {"pitch_nll", "pitch_accuracy", "time_nll", "velocity_nll", "total_nll", "bits_per_note",
+                        "bits_per_second", "events", "step"}
   assert first["step"] == 4 and first["events"] > 0
+  assert first["total_nll"] == pytest.approx(first["pitch_nll"] + first["time_nll"] + first["velocity_nll"])
+  assert first["bits_per_note"] == pytest.approx(2 * first["total_nll"] / math.log(2))
   code, out, _ = run_cli(capsys, "evaluate", "--workdir", str(trained_run), "--data", str(midi_folder),
                          "--split", "train", "--checkpoint", "4")
   assert code == 0 and json.loads(out) == first
+
+
+def test_evaluate_scores_regression_heads_on_the_same_scale(capsys, midi_folder, tmp_path):
+  import json
+
+  data = tmp_path / "data"
+  assert cli.main(["prepare", str(midi_folder), "--out", str(data), "--workers", "1"]) == 0
+  assert cli.main(["train", "--workdir", str(tmp_path / "run"), "--config", "tiny", "--data", str(data), "--quiet",
+                   "train.steps=4", "train.log_every=2", "model.heads=regression"]) == 0
+  capsys.readouterr()
+  code, out, _ = run_cli(capsys, "evaluate", "--workdir", str(tmp_path / "run"), "--data", str(data),
+                         "--split", "train")
+  metrics = json.loads(out)
+  assert code == 0
+  assert {"dt_mae_ms", "velocity_rmse", "time_nll", "velocity_nll", "total_nll", "bits_per_note"} <= set(metrics)
+  assert 0 < metrics["time_nll"] < 50 and 0 < metrics["velocity_nll"] < 50
 
 
 def test_sigterm_saves_and_exits_cleanly(midi_folder, trained_run, tmp_path):

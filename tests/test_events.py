@@ -115,15 +115,132 @@ def notes_of(sequence) -> list[tuple]:
   return [(n.pitch, n.velocity, round(n.start_time, 6), round(n.end_time, 6)) for n in sequence.notes]
 
 
-def test_release_closes_earliest_open_onset_of_its_pitch():
+def test_onset_ends_the_sounding_note_of_its_pitch_and_a_release_the_new_one():
   events = stream([(0.0, 60, 10), (1.0, 60, 20), (1.5, 62, 30), (2.0, 60, 0), (3.0, 62, 0), (4.0, 60, 0)])
-  assert notes_of(ev.events_to_note_sequence(events)) == [(60, 10, 0, 2), (60, 20, 1, 4), (62, 30, 1.5, 3)]
+  assert notes_of(ev.events_to_note_sequence(events)) == [(60, 10, 0, 1), (60, 20, 1, 2), (62, 30, 1.5, 3)]
 
 
 def test_stray_releases_ignored_and_open_notes_closed_at_the_end():
   events = stream([(0.0, 60, 0), (0.5, 60, 10), (1.0, 64, 20), (1.5, 64, 0), (1.75, 64, 0), (2.0, 67, 30)])
   assert notes_of(ev.events_to_note_sequence(events)) == [
       (60, 10, 0.5, 2.0), (64, 20, 1.0, 1.5), (67, 30, 2.0, 2.0 + ev.MIN_NOTE_SECONDS)]
+
+
+def midi_problems(path: str | Path) -> list[str]:
+  """What would leave a synth playing a file wrong, read with mido from all tracks merged, per channel and pitch:
+  a note-on of a sounding pitch, a note-off of a silent one, a note that lasts no tick, a note never ended.
+
+  None of them means that note-ons and note-offs alternate, each note lasting a tick at least (so no pitch
+  has two note-ons at one tick), and that the file closes every note it opens.
+  """
+  sounding = {}  # (channel, pitch): tick of its note-on
+  problems = []
+  tick = 0
+  for message in mido.merge_tracks(mido.MidiFile(path).tracks):
+    tick += message.time
+    if message.type not in ("note_on", "note_off"):
+      continue
+    key = (message.channel, message.note)
+    where = f"tick {tick}, channel {message.channel}, pitch {message.note}"
+    if message.type == "note_on" and message.velocity > 0:
+      if key in sounding:
+        problems.append(f"{where}: note-on of a sounding pitch (on since tick {sounding[key]})")
+      sounding[key] = tick
+    elif key not in sounding:
+      problems.append(f"{where}: note-off of a silent pitch")
+    elif sounding.pop(key) == tick:
+      problems.append(f"{where}: note lasts no tick")
+  return problems + [f"channel {channel}, pitch {pitch}: note-on at tick {start} never ended"
+                     for (channel, pitch), start in sounding.items()]
+
+
+def on(tick: int, pitch: int, velocity: int = 80) -> tuple:
+  return tick, dict(type="note_on", note=pitch, velocity=velocity)
+
+
+def test_midi_problems_names_each_fault(tmp_path):
+  path = write(tmp_path, [on(0, 60), on(0, 60, 0),  # zero length: the note-off pretty_midi writes first
+                          on(10, 62, 0), on(10, 62),  # ...and the note-off before the note-on
+                          on(20, 64), on(30, 64), on(40, 64, 0),
+                          on(50, 65), (60, dict(type="note_off", note=65)), (70, dict(type="note_off", note=65))])
+  assert midi_problems(path) == [
+      "tick 0, channel 0, pitch 60: note lasts no tick",
+      "tick 10, channel 0, pitch 62: note-off of a silent pitch",
+      "tick 30, channel 0, pitch 64: note-on of a sounding pitch (on since tick 20)",
+      "tick 70, channel 0, pitch 65: note-off of a silent pitch",
+      "channel 0, pitch 62: note-on at tick 10 never ended"]
+  assert midi_problems(write(tmp_path, note(0.0, 1.0, 60) + note(1.0, 2.0, 60), note(0.5, 1.0, 60, channel=1))) == []
+
+
+TICK = 1 / ev.TICKS_PER_SECOND
+
+
+@pytest.mark.parametrize("rows, expected", [
+    pytest.param([(0.0, 60, 80), (0.0, 60, 0)], [(60, 80, 0.0, ev.MIN_NOTE_SECONDS)], id="zero length"),
+    pytest.param([(0.0, 60, 80), (0.4 * TICK, 60, 0)], [(60, 80, 0.0, ev.MIN_NOTE_SECONDS)],
+                 id="shorter than half a tick"),
+    pytest.param([(0.0, 60, 80), (0.0, 60, 0), (0.025, 60, 70), (0.1, 60, 0)],
+                 [(60, 80, 0.0, 0.025), (60, 70, 0.025, 0.1)], id="zero length struck again within MIN_NOTE_SECONDS"),
+    pytest.param([(0.0, 60, 80), (0.0, 60, 0), (TICK, 60, 70), (0.1, 60, 0)],
+                 [(60, 80, 0.0, TICK), (60, 70, TICK, 0.1)], id="zero length struck again a tick later"),
+    pytest.param([(0.0, 60, 80), (1.0, 60, 70), (2.0, 60, 0), (3.0, 60, 0)],
+                 [(60, 80, 0.0, 1.0), (60, 70, 1.0, 2.0)], id="overlapping notes of one pitch"),
+    pytest.param([(0.0, 60, 50), (0.0, 60, 90), (1.0, 60, 0), (1.0, 60, 0)], [(60, 90, 0.0, 1.0)],
+                 id="two onsets at one time"),
+    pytest.param([(0.0, 60, 90), (0.4 * TICK, 60, 50), (1.0, 60, 0)], [(60, 90, 0.0, 1.0)],
+                 id="two onsets at one tick"),
+    pytest.param([(0.0, 60, 90), (0.0, 60, 0), (0.0, 60, 50), (1.0, 60, 0)], [(60, 90, 0.0, 1.0)],
+                 id="a note without length and a note at one time"),
+    pytest.param([(0.0, 60, 0), (0.0, 62, 90), (0.0, 60, 80), (0.0, 62, 0), (0.0, 60, 0), (0.0, 60, 70)],
+                 [(62, 90, 0.0, ev.MIN_NOTE_SECONDS), (60, 80, 0.0, ev.MIN_NOTE_SECONDS)], id="everything at one time"),
+    pytest.param([(0.0, 60, 200), (0.5, 60, 255), (1.0, 60, 0)], [(60, 127, 0.0, 0.5), (60, 127, 0.5, 1.0)],
+                 id="velocities above 127"),
+])
+def test_ill_formed_streams_write_clean_files(tmp_path, rows, expected):
+  events = stream(rows)
+  assert notes_of(ev.events_to_note_sequence(events)) == [(p, v, round(s, 6), round(e, 6)) for p, v, s, e in expected]
+  ev.write_midi(events, tmp_path / "piece.mid")
+  assert midi_problems(tmp_path / "piece.mid") == []
+
+
+def test_time_never_runs_backwards():
+  events = Events(np.array([60, 60, 62, 62], np.uint8), np.array([1.0, -0.5, np.nan, 0.25], np.float32),
+                  np.array([80, 0, 80, 0], np.uint8))
+  assert notes_of(ev.events_to_note_sequence(events)) == [(60, 80, 1.0, 1.0 + ev.MIN_NOTE_SECONDS), (62, 80, 1.0, 1.25)]
+
+
+def random_stream(rng: np.random.Generator) -> Events:
+  """A stream of a few pitches, many of its times equal or under a tick apart and many releases, all at random."""
+  length = rng.integers(1, 200)
+  dt = rng.choice([0.0, 1.0, 0.0], length) * rng.exponential(0.05, length)
+  dt = np.where(rng.random(length) < 0.2, rng.uniform(0.0, 2 * TICK, length), dt)
+  velocity = np.where(rng.random(length) < 0.5, 0, rng.integers(1, 256, length))
+  return Events(rng.integers(60, 64, length).astype(np.uint8), dt.astype(np.float32), velocity.astype(np.uint8))
+
+
+def test_random_streams_write_clean_files_with_all_their_notes(tmp_path):
+  rng = np.random.default_rng(0)
+  for i in range(300):
+    events = random_stream(rng)
+    ev.write_midi(events, tmp_path / "piece.mid")
+    assert midi_problems(tmp_path / "piece.mid") == [], f"stream {i}"
+    onsets = [m for m in mido.MidiFile(tmp_path / "piece.mid").tracks[1] if m.type == "note_on" and m.velocity]
+    assert len(onsets) == len(ev.note_arrays(events).pitch), f"stream {i}"
+
+
+def test_well_formed_streams_keep_their_notes_exactly():
+  rng = np.random.default_rng(1)
+  for _ in range(50):
+    sequence = note_seq.NoteSequence()
+    for pitch in rng.choice(np.arange(21, 109), 6, replace=False):
+      ticks = np.cumsum(rng.integers(0, 3, 20) * rng.integers(1, 2000, 20))  # notes touching, and rests
+      for start, end in zip(ticks[0::2], ticks[1::2]):
+        if end > start:
+          sequence.notes.add(pitch=pitch, velocity=rng.integers(1, 128), start_time=start / ev.TICKS_PER_SECOND,
+                              end_time=end / ev.TICKS_PER_SECOND)
+    notes = ev.note_arrays(ev.note_sequence_to_events(sequence))
+    assert sorted(zip(*(field.tolist() for field in notes))) == sorted(
+        (n.pitch, n.velocity, n.start_time, n.end_time) for n in sequence.notes)
 
 
 def test_empty_stream_writes_an_empty_file(tmp_path):

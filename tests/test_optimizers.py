@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from musicgen_jax import optimizers, train
+from musicgen_jax import losses, optimizers, steps
 from musicgen_jax.config import apply_overrides, load_config
 from tests.test_models import random_inputs
 
@@ -25,15 +25,15 @@ def random_batch(config, seed: int = 0) -> dict:
 def side_loss_grads(isolation: str, heads: str) -> nnx.State:
   """Gradients of the time + velocity losses with respect to every parameter."""
   config = tiny_config(f"train.isolation={isolation}", f"model.heads={heads}")
-  graphdef, state = train.create_train_state(config)
+  graphdef, state = steps.create_train_state(config)
   batch = random_batch(config)
 
   def side_loss(params):
     model = nnx.merge(graphdef, params)
     outputs, _ = model(batch["inputs"], targets=batch["targets"], isolate_heads=isolation == "strict")
-    sums = train.event_sums(outputs, batch["targets"], jnp.ones(config.data.window), model.time_bins)
-    losses = train.losses_from_sums(sums)
-    return losses["time"] + losses["velocity"]
+    sums = losses.event_sums(outputs, batch["targets"], jnp.ones(config.data.window), model.time_bins)
+    head_losses = losses.losses_from_sums(sums)
+    return head_losses["time"] + head_losses["velocity"]
 
   return jax.grad(side_loss)(state.params)
 
@@ -44,7 +44,7 @@ def leaves_under(tree, prefixes):
 
 
 def test_labels_partition_the_parameters():
-  _, state = train.create_train_state(tiny_config())
+  _, state = steps.create_train_state(tiny_config())
   labels = {str(path[0].key): label
             for path, label in jax.tree_util.tree_leaves_with_path(optimizers.param_labels(state.params))}
   assert labels == {"embed": "pitch", "lstm": "pitch", "pitch_head": "pitch",
@@ -71,9 +71,9 @@ def test_zero_pitch_learning_rate_leaves_the_trunk_bit_identical(isolation):
   config = tiny_config(f"train.isolation={isolation}", "train.optimizers.pitch.learning_rate=0.0",
                        "train.optimizers.pitch.decay=constant", "train.optimizers.pitch.warmup_steps=0",
                        "train.optimizers.time.warmup_steps=0")
-  trainer = train.Trainer(config)
+  trainer = steps.Trainer(config)
   before = jax.tree.map(np.array, trainer.initial_state.params)
-  state, _ = trainer.train_step(trainer.initial_state, train.zero_metrics(config.model.heads), random_batch(config))
+  state, _ = trainer.train_step(trainer.initial_state, losses.zero_metrics(config.model.heads), random_batch(config))
   for name in ("embed", "lstm", "pitch_head"):
     for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(state.params[name])):
       np.testing.assert_array_equal(a, np.asarray(b))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from musicgen_jax import cli, events, plots, sampling
+from musicgen_jax import cli, events, generate, plots
 from musicgen_jax.store import Events
 
 SCALE = Events(np.repeat(np.arange(60, 68), 2).astype(np.uint8), np.tile([0.0, 0.25], 8).astype(np.float32),
@@ -94,12 +94,12 @@ def test_plot_mistakes_are_one_line_and_exit_2(capsys, tmp_path, target, lines, 
 
 def test_generate_plot_writes_a_piano_roll_beside_each_file(capsys, tmp_path, monkeypatch):
   def fake_generate(workdir, out_dir, **kwargs):
-    paths = sampling.output_paths(sampling.make_out_dir(out_dir), kwargs["prefix"], kwargs["num"])
+    paths = generate.output_paths(generate.make_out_dir(out_dir), kwargs["prefix"], kwargs["num"])
     for path in paths:
       events.write_midi(SCALE, path)
     return paths
 
-  monkeypatch.setattr(sampling, "generate", fake_generate)
+  monkeypatch.setattr(generate, "generate", fake_generate)
   code, out, err = run_cli(capsys, "generate", "--workdir", tmp_path, "--out", tmp_path / "out", "--num", 2, "--plot")
   assert code == 0, err
   assert "2 piano rolls" in out
@@ -117,11 +117,11 @@ class RecordingWriter:
 
 
 def test_log_samples_writes_midi_and_logs_piano_rolls(tmp_path):
-  from musicgen_jax import train
+  from musicgen_jax import steps
   from musicgen_jax.config import apply_overrides, load_config
 
   config = apply_overrides(load_config("tiny"), ["model.hidden=32", "model.embed=8", "sample.release_threshold=32.0"])
-  graphdef, state = train.create_train_state(config)
+  graphdef, state = steps.create_train_state(config)
   writer = RecordingWriter()
   paths = plots.log_samples(tmp_path, graphdef, state.params, config, 7, writer, num=2, length=40)
   assert paths == [tmp_path / "samples" / "step_7" / f"sample_{i}.mid" for i in range(2)]

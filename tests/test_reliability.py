@@ -492,12 +492,12 @@ def jax_env(cache: Path) -> dict[str, str]:
 
 def restore_every_checkpoint(workdir: Path) -> tuple[list[int], list[int]]:
   """Restores every checkpoint orbax lists for a run: the steps it lists, and those that fail to restore."""
-  from musicgen_jax import checkpointing, config, train
+  from musicgen_jax import checkpointing, config, rundir, steps
 
-  if not (workdir / checkpointing.CHECKPOINT_DIR).is_dir():
+  if not rundir.checkpoint_dir(workdir).is_dir():
     return [], []
   manager = checkpointing.checkpoint_manager(workdir, read_only=True)
-  abstract = train.abstract_state(train.create_train_state(config.read_config(workdir))[1])
+  abstract = checkpointing.abstract(steps.create_train_state(config.read_config(workdir))[1])
   failed = []
   try:
     for step in manager.all_steps():
@@ -537,9 +537,9 @@ def final_metrics(lines: list[dict]) -> dict[tuple[int, str], float]:
 def params_of(workdir: Path) -> list[np.ndarray]:
   import jax
 
-  from musicgen_jax import train
+  from musicgen_jax import checkpointing
 
-  return [np.asarray(leaf) for leaf in jax.tree.leaves(train.load_run(workdir).params)]
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(checkpointing.load_run(workdir).params)]
 
 
 def tiny_corpus(tmp: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Sampling: pitch filters, event decoding, the scan against a step-by-step loop, primers, files, user errors."""
+"""Sampling and generation: pitch filters, event decoding, the scan against a step-by-step loop, primers, the
+files `generate` writes, user errors."""
 
 import functools
 
@@ -12,9 +13,10 @@ import pytest
 import scipy.stats
 from flax import nnx
 
-from musicgen_jax import checkpointing, distributions, events, models, sampling, store, train
+from musicgen_jax import checkpointing, distributions, events, generate, models, sampling, steps, store
 from musicgen_jax.config import apply_overrides, load_config, save_config
 from musicgen_jax.errors import UserError
+from tests.test_events import midi_problems
 
 LENGTH = 48
 
@@ -34,7 +36,7 @@ def settings(temperature=1.0, top_k=0, top_p=1.0, max_dt=4.0, release_threshold=
 @pytest.fixture(scope="module")
 def model_parts():
   """A freshly initialised tiny model whose time head predicts about 50 ms, as graph and parameters."""
-  graphdef, state = train.create_train_state(tiny_config())
+  graphdef, state = steps.create_train_state(tiny_config())
   state.params["time_head"]["out"]["bias"][...] = jnp.full((1,), 0.05)
   return graphdef, state
 
@@ -133,7 +135,7 @@ def sample_from_start(model_parts, seed, count=3, length=LENGTH, **kwargs):
   graphdef, state = model_parts
   start_state, event = sampling.start(nnx.merge(graphdef, state.params))
   return sampling.sample_compiled(graphdef, state.params, start_state, event, sampling.sequence_keys(seed, 0, count),
-                                  settings(**kwargs), length)
+                                  settings(**kwargs), length)[0]
 
 
 def test_same_seed_same_events_other_seed_other_events(model_parts):
@@ -172,7 +174,7 @@ def test_scan_equals_step_by_step_loop(model_parts, model, top_k, top_p):
   start_state, event = sampling.start(model)
   keys = sampling.sequence_keys(3, 0, 2)
   config_settings = settings(top_k=top_k, top_p=top_p)
-  scanned = sampling.sample_compiled(graphdef, state.params, start_state, event, keys, config_settings, 20)
+  scanned, _ = sampling.sample_compiled(graphdef, state.params, start_state, event, keys, config_settings, 20)
   expected = reference_loop(model_parts, start_state, event, keys, config_settings, 20)
   np.testing.assert_array_equal(scanned["pitch"], expected["pitch"])
   np.testing.assert_array_equal(scanned["velocity"], expected["velocity"])
@@ -196,7 +198,7 @@ def test_primed_state_equals_the_model_over_the_primer(model_parts, model, prime
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   expected = sampling.next_event(jax.tree.map(lambda x: x[:, -1], outputs), sampling.step_keys(keys, 0), settings())
   assert int(first["pitch"][0]) == int(expected["pitch"][0])
-  sampled = sampling.sample_compiled(graphdef, train_state.params, state, last, keys, settings(), 1)
+  sampled, _ = sampling.sample_compiled(graphdef, train_state.params, state, last, keys, settings(), 1)
   assert int(sampled["pitch"][0, 0]) == int(expected["pitch"][0])
 
 
@@ -207,8 +209,8 @@ def test_single_event_primer_starts_from_the_zero_state(model):
   assert int(last["pitch"][0]) == 64 and float(last["velocity"][0]) == 80.0
 
 
-def generate(run_dir, out_dir, **kwargs):
-  return sampling.generate(run_dir, out_dir, **{"length": LENGTH, "progress": False, **kwargs})
+def write_files(run_dir, out_dir, **kwargs):
+  return generate.generate(run_dir, out_dir, **{"length": LENGTH, "progress": False, **kwargs})
 
 
 def notes(path):
@@ -225,10 +227,10 @@ def assert_same_notes(actual, expected):
 
 
 def test_files_are_valid_complete_and_reproducible(run_dir, tmp_path):
-  paths = generate(run_dir, tmp_path / "a", num=5, batch_size=2, seed=7)
+  paths = write_files(run_dir, tmp_path / "a", num=5, batch_size=2, seed=7)
   assert [p.name for p in paths] == [f"sample_{i}.mid" for i in range(5)]
-  again = generate(run_dir, tmp_path / "b", num=5, batch_size=2, seed=7)
-  other = generate(run_dir, tmp_path / "c", num=5, batch_size=2, seed=8)
+  again = write_files(run_dir, tmp_path / "b", num=5, batch_size=2, seed=7)
+  other = write_files(run_dir, tmp_path / "c", num=5, batch_size=2, seed=8)
   for path, same, different in zip(paths, again, other):
     assert path.read_bytes() == same.read_bytes()
     assert path.read_bytes() != different.read_bytes()
@@ -239,12 +241,51 @@ def test_files_are_valid_complete_and_reproducible(run_dir, tmp_path):
   assert len({p.read_bytes() for p in paths}) == 5
 
 
+def test_many_generated_files_are_clean(run_dir, tmp_path):
+  # The untrained model writes onsets only: once all 128 pitches sound, it strikes sounding ones again.
+  for path in write_files(run_dir, tmp_path, num=32, length=256, batch_size=32):
+    assert midi_problems(path) == [], path.name
+
+
+@pytest.fixture(scope="module")
+def distribution_run_dir(tmp_path_factory):
+  """A run folder of an initialised tiny model with distribution heads, no training."""
+  workdir = tmp_path_factory.mktemp("distribution-run")
+  config = tiny_config("distribution")
+  save_config(config, workdir)
+  manager = checkpointing.checkpoint_manager(workdir)
+  checkpointing.save(manager, 1, steps.create_train_state(config)[1], None)
+  manager.wait_until_finished()
+  manager.close()
+  return workdir
+
+
+def test_files_measured_in_seconds_are_clean_and_end_there(distribution_run_dir, tmp_path):
+  paths = write_files(distribution_run_dir, tmp_path, num=6, batch_size=3, length=None, seconds=20.0)
+  for path in paths:
+    assert midi_problems(path) == [], path.name
+    music = float(np.sum(events.midi_to_events(path, sustain=False).dt))
+    assert 15.0 < music <= 20.0 + events.MIN_NOTE_SECONDS
+  again = write_files(distribution_run_dir, tmp_path / "again", num=6, batch_size=3, length=None, seconds=20.0)
+  assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+
+
+def test_earlier_files_are_never_replaced_without_overwrite(run_dir, tmp_path):
+  (first,) = write_files(run_dir, tmp_path, seed=1)
+  before = first.read_bytes()
+  with pytest.raises(UserError, match="already exists.*--overwrite"):
+    write_files(run_dir, tmp_path, seed=2)
+  assert first.read_bytes() == before
+  write_files(run_dir, tmp_path, seed=2, overwrite=True)
+  assert first.read_bytes() != before
+
+
 def test_files_hold_the_sampled_events(run_dir, model_parts, tmp_path):
   graphdef, state = model_parts
-  (path,) = generate(run_dir, tmp_path, seed=4, top_k=20)
+  (path,) = write_files(run_dir, tmp_path, seed=4, top_k=20)
   start_state, event = sampling.start(nnx.merge(graphdef, state.params))
-  sampled = sampling.sample_compiled(graphdef, state.params, start_state, event, sampling.sequence_keys(4, 0, 1),
-                                     settings(top_k=20), LENGTH)
+  sampled, _ = sampling.sample_compiled(graphdef, state.params, start_state, event, sampling.sequence_keys(4, 0, 1),
+                                        settings(top_k=20), LENGTH)
   expected = sampling.to_events(jax.device_get(sampled), 0)
   written = events.midi_to_events(path, sustain=False)
   onset = expected.velocity > 0
@@ -255,21 +296,21 @@ def test_files_hold_the_sampled_events(run_dir, model_parts, tmp_path):
 
 def test_one_compile_for_all_batches_and_sampling_values(run_dir, tmp_path):
   sampling.sample_compiled.clear_cache()
-  generate(run_dir, tmp_path / "a", num=5, batch_size=2, temperature=0.7)
-  generate(run_dir, tmp_path / "b", num=3, batch_size=2, top_k=5, top_p=0.5, seed=3)
+  write_files(run_dir, tmp_path / "a", num=5, batch_size=2, temperature=0.7)
+  write_files(run_dir, tmp_path / "b", num=3, batch_size=2, top_k=5, top_p=0.5, seed=3)
   assert sampling.sample_compiled._cache_size() == 1
 
 
 def test_names_are_zero_padded_and_prefixed(run_dir, tmp_path):
-  paths = generate(run_dir, tmp_path, num=11, batch_size=11, length=4, prefix="take")
+  paths = write_files(run_dir, tmp_path, num=11, batch_size=11, length=4, prefix="take")
   assert [p.name for p in paths] == sorted(p.name for p in tmp_path.iterdir())
   assert paths[0].name == "take_00.mid" and paths[-1].name == "take_10.mid"
 
 
 def test_primer_opens_the_file_only_when_kept(run_dir, primer_file, tmp_path):
-  (kept,) = generate(run_dir, tmp_path / "kept", primer=primer_file, primer_events=12, keep_primer=True)
-  (dropped,) = generate(run_dir, tmp_path / "dropped", primer=primer_file, primer_events=12)
-  (unprimed,) = generate(run_dir, tmp_path / "unprimed")
+  (kept,) = write_files(run_dir, tmp_path / "kept", primer=primer_file, primer_events=12, keep_primer=True)
+  (dropped,) = write_files(run_dir, tmp_path / "dropped", primer=primer_file, primer_events=12)
+  (unprimed,) = write_files(run_dir, tmp_path / "unprimed")
   primer_notes = notes(primer_file)[:6]  # The first 12 events: 6 notes.
   continuation = notes(dropped)
   primer_end = 0.05 + 0.2 * 5 + 0.15  # The 12th event: the release of the 6th note.
@@ -296,16 +337,16 @@ def test_primer_opens_the_file_only_when_kept(run_dir, primer_file, tmp_path):
 ])
 def test_user_mistakes_raise_user_error(run_dir, tmp_path, kwargs, message):
   with pytest.raises(UserError, match=message):
-    generate(run_dir, tmp_path, **kwargs)
+    write_files(run_dir, tmp_path, **kwargs)
   assert not list(tmp_path.iterdir())
 
 
 def test_missing_run_and_missing_checkpoint_raise_user_error(tmp_path):
   with pytest.raises(UserError, match="does not exist"):
-    generate(tmp_path / "nowhere", tmp_path / "out")
+    write_files(tmp_path / "nowhere", tmp_path / "out")
   save_config(tiny_config(), tmp_path)
   with pytest.raises(UserError, match="no checkpoints"):
-    generate(tmp_path, tmp_path / "out")
+    write_files(tmp_path, tmp_path / "out")
 
 
 @pytest.mark.parametrize("content", [None, b"", b"not a midi file at all"])
@@ -314,13 +355,13 @@ def test_unreadable_primer_raises_user_error(run_dir, tmp_path, content):
   if content is not None:
     primer.write_bytes(content)
   with pytest.raises(UserError, match="cannot read primer"):
-    generate(run_dir, tmp_path / "out", primer=primer)
+    write_files(run_dir, tmp_path / "out", primer=primer)
 
 
 def test_output_folder_that_is_a_file_raises_user_error(run_dir, tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(UserError, match="cannot create output folder"):
-    generate(run_dir, tmp_path / "file")
+    write_files(run_dir, tmp_path / "file")
 
 
 def test_releases_name_sounding_pitches_and_onsets_silent_ones():
@@ -348,12 +389,12 @@ def test_generated_files_have_no_release_without_a_sounding_note(model_parts):
 SHARDED_GENERATION = """
 import sys
 import jax
-from musicgen_jax import sampling
+from musicgen_jax import generate, sampling
 
 assert jax.device_count() == 4
 replicated, sharded = sampling.device_placement(8)
 assert len(sharded.device_set) == 4 and len(sampling.device_placement(6)[1].device_set) == 1
-paths = sampling.generate(sys.argv[1], sys.argv[2], num=8, batch_size=8, length=40, seed=5, progress=False)
+paths = generate.generate(sys.argv[1], sys.argv[2], num=8, batch_size=8, length=40, seed=5, progress=False)
 print(len(paths))
 """
 
@@ -367,16 +408,16 @@ def test_generation_shards_its_batch_over_all_devices(run_dir, tmp_path):
   result = subprocess.run([sys.executable, "-c", SHARDED_GENERATION, str(run_dir), str(tmp_path / "sharded")],
                           env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  single = generate(run_dir, tmp_path / "single", num=8, batch_size=8, length=40, seed=5)
+  single = write_files(run_dir, tmp_path / "single", num=8, batch_size=8, length=40, seed=5)
   sharded = sorted((tmp_path / "sharded").glob("*.mid"))
   assert [p.name for p in sharded] == [p.name for p in single]
   assert [p.read_bytes() for p in sharded] == [p.read_bytes() for p in single]
 
 
 def test_primer_length_defaults_to_a_cap(primer_file, monkeypatch):
-  monkeypatch.setattr(sampling, "DEFAULT_PRIMER_EVENTS", 5)
-  assert len(sampling.read_primer(primer_file, None, True)) == 5
-  assert len(sampling.read_primer(primer_file, 7, True)) == 7
+  monkeypatch.setattr(generate, "DEFAULT_PRIMER_EVENTS", 5)
+  assert len(generate.read_primer(primer_file, None, True)) == 5
+  assert len(generate.read_primer(primer_file, 7, True)) == 7
 
 
 def distribution_model(order: str, seed: int = 0):
@@ -417,8 +458,8 @@ def test_distribution_heads_release_only_sounding_pitches_and_strike_only_silent
   config, model = distribution_model(order, seed=3)
   graphdef, params = nnx.split(model, nnx.Param)
   start_state, event = sampling.start(model)
-  sampled = sampling.sample_compiled(graphdef, params, start_state, event, sampling.sequence_keys(2, 0, 4),
-                                     settings(), 300)
+  sampled, _ = sampling.sample_compiled(graphdef, params, start_state, event, sampling.sequence_keys(2, 0, 4),
+                                        settings(), 300)
   releases = 0
   for row in range(4):
     sounding = np.zeros(128, bool)
@@ -428,3 +469,15 @@ def test_distribution_heads_release_only_sounding_pitches_and_strike_only_silent
       releases += velocity == 0
   assert releases > 0
   assert np.all(np.asarray(sampled["dt"]) <= 4.0) and np.all(np.asarray(sampled["dt"]) >= 0.0)
+
+
+@pytest.mark.parametrize("heads", ["regression", "distribution"])
+def test_a_continuation_from_the_carry_draws_what_one_longer_call_draws(heads):
+  graphdef, state = steps.create_train_state(tiny_config(heads))
+  start_state, event = sampling.start(nnx.merge(graphdef, state.params))
+  keys = sampling.sequence_keys(6, 0, 2)
+  whole, _ = sampling.sample_compiled(graphdef, state.params, start_state, event, keys, settings(), 30)
+  first, carry = sampling.sample_compiled(graphdef, state.params, start_state, event, keys, settings(), 15)
+  second, _ = sampling.sample_compiled(graphdef, state.params, *carry[:2], keys, settings(), 15, carry[2], 15)
+  for field in store.FIELDS:
+    np.testing.assert_allclose(np.concatenate([first[field], second[field]], 1), whole[field], rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from musicgen_jax import checkpointing, store, train
+from musicgen_jax import checkpointing, plots, steps, store, train
 from musicgen_jax.config import apply_overrides, load_config, read_config
 from musicgen_jax.errors import UserError
 
@@ -43,20 +43,28 @@ def params_of(state):
   return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
-def test_loss_decreases_and_metrics_are_logged(corpus, tmp_path):
+@pytest.mark.parametrize("heads", ["regression", "distribution"])
+def test_loss_decreases_and_metrics_are_logged(corpus, tmp_path, heads):
   train.train_and_evaluate(tiny(corpus, "train.steps=120", "train.sample_every=60", "train.sample_count=2",
-                                "train.sample_length=64"), tmp_path, progress=False)
+                                "train.sample_length=64", f"model.heads={heads}"), tmp_path, progress=False,
+                           samples=plots.log_samples)
   assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_120", "step_60"]
-  assert read_config(tmp_path).sample.release_threshold == pytest.approx(40.0)  # half of the onsets' 80
+  # Only regression heads decide releases by a threshold: half of the onsets' 80.
+  assert read_config(tmp_path).sample.release_threshold == (pytest.approx(40.0) if heads == "regression" else None)
   assert len(list((tmp_path / "samples" / "step_120").glob("*.mid"))) == 2
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  losses = [m["train/loss_pitch"] for m in lines if "train/loss_pitch" in m]
+  for head in ("pitch", "time", "velocity"):
+    head_losses = [m[f"train/loss_{head}"] for m in lines if f"train/loss_{head}" in m]
+    assert head_losses[-1] < (0.5 if head == "pitch" else 0.9) * head_losses[0], head
   evals = [m for m in lines if "eval/pitch_nll" in m]
-  assert losses[-1] < 0.5 * losses[0]
   assert evals and evals[-1]["eval/pitch_nll"] < evals[0]["eval/pitch_nll"]
-  for key in ("train/dt_mae_ms", "train/velocity_rmse", "train/pitch_accuracy", "train/events_per_s",
-              "train/learning_rate_time", "train/step_time_s"):
+  point_keys = ("train/dt_mae_ms", "train/velocity_rmse")
+  likelihood_keys = ("train/time_nll", "train/velocity_nll", "train/total_nll", "train/bits_per_note")
+  for key in (*(point_keys if heads == "regression" else likelihood_keys), "train/pitch_accuracy",
+              "train/events_per_s", "train/learning_rate_time", "train/step_time_s"):
     assert key in lines[0]
+  if heads == "distribution":
+    assert evals[-1]["eval/total_nll"] < evals[0]["eval/total_nll"]
   assert all("step" in m for m in lines)
   assert list((tmp_path / "tensorboard").iterdir())
 
@@ -74,19 +82,19 @@ def test_stop_and_resume_is_bit_identical_to_one_run(corpus, tmp_path):
 
 
 def test_execution_steps_divide_every_cadence_of_the_loop(corpus):
-  assert train.execution_steps(tiny(corpus, "train.steps=40").train) == 10
-  assert train.execution_steps(tiny(corpus, "train.steps=40", "train.log_every=4").train) == 2
-  assert train.execution_steps(tiny(corpus, "train.steps=13").train) == 1
-  assert train.execution_steps(tiny(corpus, "train.steps=40", "train.steps_per_execution=1").train) == 1
+  assert steps.execution_steps(tiny(corpus, "train.steps=40").train) == 10
+  assert steps.execution_steps(tiny(corpus, "train.steps=40", "train.log_every=4").train) == 2
+  assert steps.execution_steps(tiny(corpus, "train.steps=13").train) == 1
+  assert steps.execution_steps(tiny(corpus, "train.steps=40", "train.steps_per_execution=1").train) == 1
   with pytest.raises(UserError, match="steps_per_execution"):
-    train.execution_steps(tiny(corpus, "train.steps_per_execution=0").train)
+    steps.execution_steps(tiny(corpus, "train.steps_per_execution=0").train)
 
 
 def test_several_steps_per_execution_equal_as_many_single_steps(corpus):
   from musicgen_jax import input_pipeline
 
   config = tiny(corpus, "model.dropout=0.2")
-  trainer = train.Trainer(config)
+  trainer = steps.Trainer(config)
   iterator = input_pipeline.train_iterator(config, corpus)
   batches = [next(iterator) for _ in range(4)]
   state, metrics = jax.tree.map(np.copy, (trainer.initial_state, trainer.zero_metrics()))
@@ -105,9 +113,9 @@ def test_checkpoint_reload_gives_identical_eval_metrics(corpus, tmp_path):
 
   config = tiny(corpus, "train.steps=20")
   state = train.train_and_evaluate(config, tmp_path, progress=False)
-  trainer = train.Trainer(config)
+  trainer = steps.Trainer(config)
   batches = input_pipeline.eval_batches(config, corpus)
-  run = train.load_run(tmp_path, "latest")
+  run = checkpointing.load_run(tmp_path, "latest")
   assert run.step == 20
   assert trainer.evaluate(run.params, batches) == trainer.evaluate(state.params, batches)
 
@@ -138,7 +146,7 @@ DATA_PARALLEL_SCRIPT = """
 import sys
 import jax
 import numpy as np
-from musicgen_jax import input_pipeline, train
+from musicgen_jax import input_pipeline, steps
 from musicgen_jax.config import apply_overrides, load_config
 
 assert jax.device_count() == 4, jax.devices()
@@ -146,7 +154,7 @@ params = {}
 for devices in (1, 4):
   config = apply_overrides(load_config("tiny"), [f"data.dir={sys.argv[1]}", f"mesh.data={devices}",
                                                  "model.dropout=0.0", "train.batch_size=8"])
-  trainer = train.Trainer(config)
+  trainer = steps.Trainer(config)
   batches = input_pipeline.train_iterator(config, config.data.dir)
   stacked = trainer.shard_batches([next(batches) for _ in range(5)])  # Five steps in one call, as the loop runs.
   assert len(stacked["inputs"]["pitch"].sharding.device_set) == devices
@@ -193,7 +201,7 @@ def test_bfloat16_compute_trains_within_two_percent_of_float32(tmp_path):
   final = {}
   for dtype in ("float32", "bfloat16"):
     config = tiny(tmp_path, f"model.dtype={dtype}", "data.eval_windows=64")
-    trainer = train.Trainer(config)
+    trainer = steps.Trainer(config)
     batches = input_pipeline.train_iterator(config, tmp_path)
     state, metrics = trainer.initial_state, trainer.zero_metrics()
     for _ in range(200):
@@ -248,7 +256,7 @@ def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   forward and backward, reads bfloat16 operands (accumulating in float32), except the three heads'
   output layers, which are float32 by design (forward, input gradient and kernel gradient each)."""
   config = apply_overrides(load_config("tiny"), ("model.dtype=bfloat16",))
-  trainer = train.Trainer(config)
+  trainer = steps.Trainer(config)
   rows = (config.train.batch_size, config.data.window)
   events = {"pitch": np.zeros(rows, np.int32), "dt": np.zeros(rows, np.float32), "velocity": np.zeros(rows, np.float32)}
   hlo = trainer.train_step.lower(trainer.initial_state, trainer.zero_metrics(),
