@@ -9,11 +9,11 @@ at each of `--batch-sizes` x `--window` events (64, 256 and 1024 x 256), then ge
 cuDNN, the same heads and losses, three Adams) at the training shapes, float32 and bfloat16 autocast;
 elsewhere the JSON says why it did not.
 
-The training step mirrors `train.train_step`: the three optimizers of `optimizers.make_optimizer`, the
-model's losses, dropout, `train.steps_per_execution` steps per compiled call over stacked batches, on
-synthetic batches. So the script needs only jax, flax, optax, numpy and ml-collections (no grain,
-note-seq, orbax or tensorboardX). The heads default to the original's regression heads, those of the
-PyTorch reference (with `model.heads=distribution` ours run alone). A case that fails (out of memory,
+Training runs the real `steps.Trainer.train_steps` (`bench_train.JaxStep`: the three optimizers,
+`train.steps_per_execution` steps per compiled call) on one device and synthetic batches, so the script
+needs only jax, flax, optax, numpy and ml-collections (no grain, note-seq, orbax or tensorboardX). The
+heads default to the original's regression heads, those of the PyTorch reference (with
+`model.heads=distribution` ours run alone). A case that fails (out of memory,
 say) is recorded with its error and the others still run. Cases run float32 training first, then
 generation, then bfloat16 training; none starts after `--budget-s` (default 270 s, so that the run ends
 within 5 minutes), and the JSON file, rewritten after every case, lists those left out. A table is
@@ -39,36 +39,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from flax import nnx
 
-from musicgen_jax import distributions, models, optimizers, sampling
+from bench_train import JaxStep
+from musicgen_jax import losses, models, sampling
 from musicgen_jax.config import apply_overrides, load_config
 from musicgen_jax.errors import UserError
-from torch_reference import TorchStep, synthetic_batch
+from torch_reference import TorchStep
 
 SMOKE = {"batch_sizes": [2], "window": 8, "generate_batch_sizes": [2], "generate_length": 4, "calls": 1,
          "overrides": ["model.hidden=16", "model.embed=8", "train.steps_per_execution=2"]}
 
 
-def loss(model: models.MusicLSTM, outputs: dict[str, jax.Array], targets: dict[str, jax.Array]) -> jax.Array:
-  """The sum of the three training losses, means over every position as `train.train_step` takes them:
-  cross-entropy of each categorical head; L1 on dt and MSE on velocity / 127 for regression heads."""
-  nll = lambda logits, classes: jnp.mean(distributions.class_nll(logits, classes))
-  pitch = nll(outputs["pitch_logits"], targets["pitch"].astype(jnp.int32))
-  if model.head_mode == "regression":
-    return (pitch + jnp.mean(jnp.abs(outputs["dt"] - targets["dt"]))
-            + jnp.mean(jnp.square(outputs["velocity"] - targets["velocity"] / models.MAX_VELOCITY)))
-  classes = distributions.classes(targets, model.time_bins)
-  return pitch + nll(outputs["time_logits"], classes["time"]) + nll(outputs["velocity_logits"], classes["velocity"])
-
-
 def seconds_per_call(call: Callable[[], Any], calls: int) -> float:
-  """Seconds per call of `call` (which blocks until its result is ready) over `calls` calls after one more."""
-  call()
+  """Seconds per call of `call` (which blocks until its result is ready), averaged over `calls` calls."""
   start = time.perf_counter()
   for _ in range(calls):
     call()
@@ -76,47 +61,13 @@ def seconds_per_call(call: Callable[[], Any], calls: int) -> float:
 
 
 def train_case(config: ml_collections.ConfigDict, calls: int) -> dict[str, Any]:
-  """Compile time and events/s of `train.steps_per_execution` training steps per call at the config's shapes."""
-  model = models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  tx = optimizers.make_optimizer(config)
-  isolate = config.train.isolation == "strict"
-  dropout_root = jax.random.PRNGKey(config.seed + 1)
-
-  def step(carry: tuple, batch: dict) -> tuple[tuple, jax.Array]:
-    params, opt_state, step_index = carry
-
-    def loss_fn(params: nnx.State) -> jax.Array:
-      model = nnx.merge(graphdef, params)
-      outputs, _ = model(batch["inputs"], targets=batch["targets"], isolate_heads=isolate,
-                         rngs=nnx.Rngs(dropout=jax.random.fold_in(dropout_root, step_index)))
-      return loss(model, outputs, batch["targets"])
-
-    value, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, step_index + 1), value
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def steps(carry: tuple, batches: dict) -> tuple[tuple, jax.Array]:
-    return jax.lax.scan(step, carry, batches)
-
-  per_call = config.train.steps_per_execution
-  batch = synthetic_batch(config.train.batch_size, config.data.window)
-  batches = jax.tree.map(lambda x: jnp.asarray(np.stack([x] * per_call)), batch)
-  carry = [(params, tx.init(params), jnp.zeros((), jnp.int32))]
-  start = time.perf_counter()
-  compiled = steps.lower(carry[0], batches).compile()
-  compile_s = time.perf_counter() - start
-  losses = []
-
-  def call() -> None:
-    carry[0], values = compiled(carry[0], batches)
-    losses[:] = [float(values[-1])]
-
-  seconds = seconds_per_call(call, calls)
-  events = config.train.batch_size * config.data.window * per_call
-  return {"events_per_s": events / seconds, "step_ms": 1000 * seconds / per_call, "compile_s": compile_s,
-          "steps_per_call": per_call, "last_loss": losses[0]}
+  """Compile time and events/s of the real `Trainer.train_steps` (`bench_train.JaxStep`) at the config's shapes."""
+  jax_step = JaxStep(config)
+  seconds = seconds_per_call(jax_step, calls) / jax_step.steps_per_call
+  metrics = jax.device_get(jax_step.metrics)
+  return {"events_per_s": config.train.batch_size * config.data.window / seconds, "step_ms": 1000 * seconds,
+          "compile_s": jax_step.compile_s, "steps_per_call": jax_step.steps_per_call,
+          "mean_loss": sum(float(metrics[f"loss_{head}"]) for head in losses.HEADS) / float(metrics["steps"])}
 
 
 def generate_case(config: ml_collections.ConfigDict, batch: int, length: int, calls: int) -> dict[str, Any]:
@@ -128,15 +79,16 @@ def generate_case(config: ml_collections.ConfigDict, batch: int, length: int, ca
   start = time.perf_counter()
   compiled = sampling.sample_compiled.lower(graphdef, params, state, event, keys, settings, length).compile()
   compile_s = time.perf_counter() - start
-  seconds = seconds_per_call(lambda: jax.block_until_ready(compiled(params, state, event, keys, settings)), calls)
+  call = lambda: jax.block_until_ready(compiled(params, state, event, keys, settings))
+  call()
+  seconds = seconds_per_call(call, calls)
   return {"events_per_s": batch * length / seconds, "compile_s": compile_s}
 
 
 def torch_case(config: ml_collections.ConfigDict, torch: Any, calls: int) -> dict[str, Any]:
   """Events/s of the PyTorch reference on CUDA at the config's shapes, as many steps as ours per case."""
   steps = config.train.steps_per_execution * calls
-  torch_step = TorchStep(config, torch, "cuda")
-  seconds = seconds_per_call(lambda: [torch_step() for _ in range(steps)], 1) / steps
+  seconds = seconds_per_call(TorchStep(config, torch, "cuda"), steps)
   return {"events_per_s": config.train.batch_size * config.data.window / seconds, "step_ms": 1000 * seconds}
 
 
@@ -239,7 +191,7 @@ def main() -> None:
     for name, value in SMOKE.items():
       setattr(args, name, value if name != "overrides" else [*value, *args.overrides])
   base = apply_overrides(load_config(args.config), ["model.heads=regression", "sample.release_threshold=32.0",
-                                                    *args.overrides])
+                                                    "mesh.data=1", *args.overrides])
   torch, torch_skipped = cuda_torch(base)
   device = jax.devices()[0]
   result = {

@@ -133,8 +133,10 @@ def test_the_cudnn_path_matches_scan(kernel):
     settings = sampling.make_settings(load_config("tiny"))
     keys = sampling.sequence_keys(0, 0, 4)
     start = jax.tree.map(lambda x: x[:, 0], inputs)
-    drawn = [sampling.sample(model, model.initial_state(4), start, keys, settings, 6) for model in (cudnn, scan)]
-    jax.tree.map(np.testing.assert_array_equal, *drawn)
+    (ours, (ours_state, *_)), (expected, (expected_state, *_)) = (
+        sampling.sample(model, model.initial_state(4), start, keys, settings, 6) for model in (cudnn, scan))
+    jax.tree.map(np.testing.assert_array_equal, ours, expected)
+    jax.tree.map(close, ours_state, expected_state)
 
 
 @pytest.mark.skipif(cudnn_lstm.platform() is None, reason=NO_GPU)
