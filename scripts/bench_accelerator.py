@@ -24,7 +24,7 @@ printed at the end.
       [--window 256] [--generate-batch-sizes 256 4096] [--generate-length 256] [--calls 3]
       [--budget-s 270] [key=value ...]
 
-`--smoke` shrinks every size (a 2 x 16 LSTM, batch 2 x window 8) to check the script on a CPU in seconds.
+`--smoke` shrinks every size (a 2 x 16 LSTM, batch 2 x window 8) to check the script on a CPU in a minute.
 """
 
 from __future__ import annotations
