@@ -204,8 +204,9 @@ def test_generation_memory_does_not_grow_with_the_number_of_files(corpus, tmp_pa
 @pytest.mark.parametrize("prefix", ["a/b", "../escape", "..", "/abs", "nul\0byte", "back\\slash", ""])
 def test_output_names_never_leave_the_out_folder(tmp_path, prefix):
   """A prefix that is a path, or has a NUL, is refused; any accepted one names files inside --out."""
-  options = dict(num=3, length=8, batch_size=2, temperature=1.0, top_k=0, top_p=1.0, seed=0, primer=None,
-                 primer_events=None, keep_primer=False)
+  options = dict(num=3, length=8, seconds=None, batch_size=2, temperature=1.0, time_temperature=1.0,
+                 velocity_temperature=1.0, top_k=0, top_p=1.0, seed=0, primer=None, primer_events=None,
+                 keep_primer=False)
   out = tmp_path / "out"
   try:
     generate.check_options(**options, prefix=prefix)
