@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from musicgen_jax import rundir
+from musicgen_jax import config_checks, rundir
 from musicgen_jax.config import read_config
 from musicgen_jax.errors import UserError
 from musicgen_jax.steps import create_train_state
@@ -229,6 +229,7 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = "latest") -> Lo
   if not Path(workdir).is_dir():
     raise UserError(f"run folder {workdir} does not exist: train one with `musicgen train --workdir {workdir}`")
   config = read_config(workdir)
+  config_checks.check(config)
   manager = checkpoint_manager(workdir, read_only=True)
   try:
     step = resolve_step(manager, checkpoint)

@@ -247,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return args.handler(args)
   except UserError as error:
-    print(f"musicgen: error: {error}", file=sys.stderr)
+    for line in str(error).splitlines():
+      print(f"musicgen: error: {line}", file=sys.stderr)
     return EXIT_USER_ERROR
   except KeyboardInterrupt:
     print("musicgen: interrupted", file=sys.stderr)

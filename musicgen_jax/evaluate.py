@@ -30,9 +30,10 @@ def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: 
                  checkpoint: str | int = "latest") -> dict[str, Any]:
   """`pitch_nll`, `pitch_accuracy`, `dt_mae_ms`, `velocity_rmse`, `events` and `step` of one checkpoint."""
   from musicgen_jax import config as config_lib
-  from musicgen_jax import checkpointing, input_pipeline, steps
+  from musicgen_jax import checkpointing, config_checks, input_pipeline, steps
 
   run_config = config_lib.read_config(workdir)
+  config_checks.check(run_config)
   data_dir = prepared_data(data, run_config.data.sustain)
   if not store.has_split(data_dir, split):
     raise UserError(f"{data_dir} has no {split!r} split: choose one with --split (e.g. train, validation)")

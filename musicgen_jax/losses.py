@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from musicgen_jax import models
 
 HEADS = ("pitch", "time", "velocity")  # The model's heads, each with its loss and its own optimizer.
+# How the time and velocity losses reach the LSTM: not at all (`strict`), or summed with the pitch loss (`joint`).
+ISOLATION_MODES = ("strict", "joint")
 SUMS = ("events", "pitch_nll", "pitch_correct", "dt_abs_error", "velocity_sq_error")
 
 

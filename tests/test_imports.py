@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "musicgen_jax"
 # Lowest layer first: a module may import only modules before it.
 LAYERS = ("errors", "paths", "atomic", "rundir", "config", "store", "events", "models", "losses", "optimizers",
-          "steps", "sampling", "input_pipeline", "checkpointing", "runlock", "prepare", "generate", "plots",
+          "config_checks", "steps", "sampling", "input_pipeline", "checkpointing", "runlock", "prepare", "generate", "plots",
           "train", "evaluate", "stats", "audio", "demo", "menu", "cli")
 STEPS_LIBRARIES = {"jax", "flax", "optax", "numpy", "ml_collections"}
 

@@ -79,7 +79,7 @@ def test_execution_steps_divide_every_cadence_of_the_loop(corpus):
   assert steps.execution_steps(tiny(corpus, "train.steps=13").train) == 1
   assert steps.execution_steps(tiny(corpus, "train.steps=40", "train.steps_per_execution=1").train) == 1
   with pytest.raises(UserError, match="steps_per_execution"):
-    steps.execution_steps(tiny(corpus, "train.steps_per_execution=0").train)
+    steps.Trainer(tiny(corpus, "train.steps_per_execution=0"))
 
 
 def test_several_steps_per_execution_equal_as_many_single_steps(corpus):
