@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
   prep = command("prepare", cmd_prepare, "Turn MIDI files (a MAESTRO root, folders or files) into an event corpus.")
   prep.add_argument("sources", nargs="+", metavar="SOURCE", help="MAESTRO root, folder of MIDI files, or MIDI file")
   prep.add_argument("--out", required=True, metavar="DIR", help="folder to write the prepared corpus to")
-  prep.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="parser processes (default: all cores)")
+  prep.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                    help="parser processes (default: all cores)")
   prep.add_argument("--filter", metavar="TEXT", help="keep only pieces whose path, composer or title contains TEXT")
   prep.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F",
                     help="share of a plain folder held out for validation (default 0.1; MAESTRO uses its own split)")
@@ -181,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the MIDI files (default: $MUSICGEN_HOME/generated)")
   gen.add_argument("--num", type=positive_int, default=1, metavar="N", help="files to write (default 1)")
   gen.add_argument("--length", type=positive_int, default=1024, metavar="EVENTS", help="events per file (default 1024)")
-  gen.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="files sampled at once (default 64)")
+  gen.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
+                   help="files sampled at once (default 64)")
   gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="pitch sampling temperature (default 1)")
-  gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only among the K likeliest pitches (0: off)")
+  gen.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample only among the K likeliest pitches (0: off)")
   gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
   gen.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
   gen.add_argument("--primer", metavar="FILE.mid", help="MIDI file whose events warm up the model")

@@ -29,8 +29,8 @@ def prepared_data(data: str | os.PathLike, sustain: bool) -> Path:
 def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: str = "validation",
                  checkpoint: str | int = "latest") -> dict[str, Any]:
   """`pitch_nll`, `pitch_accuracy`, `dt_mae_ms`, `velocity_rmse`, `events` and `step` of one checkpoint."""
-  from musicgen_jax import config as config_lib
   from musicgen_jax import checkpointing, config_checks, input_pipeline, steps
+  from musicgen_jax import config as config_lib
 
   run_config = config_lib.read_config(workdir)
   config_checks.check(run_config)

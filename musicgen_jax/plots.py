@@ -85,7 +85,8 @@ def piano_roll(source: Events | str | os.PathLike, title: str = "") -> Figure:
   axes.set_xlim(0.0, max(piece.end.max(initial=0.0), 1.0))
   octaves = np.arange(0, 128, 12)
   axes.set_yticks(octaves, [f"C{octave // 12 - 1}" for octave in octaves])
-  axes.set_ylim(min(PIANO_RANGE[0], piece.pitch.min(initial=127)) - 1, max(PIANO_RANGE[1], piece.pitch.max(initial=0)) + 1)
+  axes.set_ylim(min(PIANO_RANGE[0], piece.pitch.min(initial=127)) - 1,
+                max(PIANO_RANGE[1], piece.pitch.max(initial=0)) + 1)
   axes.grid(axis="y", alpha=0.3)
   axes.set_xlabel("time (s)")
   axes.set_ylabel("pitch")

@@ -25,7 +25,6 @@ from musicgen_jax.losses import HEADS, summarize
 from musicgen_jax.runlock import run_lock
 from musicgen_jax.steps import Trainer, TrainState
 
-
 # train.steps of a run trained until stopped (the menu's empty answer): below the int32 step counter's
 # limit, and a multiple of every usual cadence so that steps per execution are not reduced.
 UNTIL_STOPPED = 2_000_000_000
@@ -178,9 +177,9 @@ def restart_clock(bar: Any, step: int) -> None:
   """Restarts the bar's clock at `step`: its rate and ETA then come from this session's steps after the first
   execution alone, not from the time spent compiling it (which made a 30 s run open with an ETA of hours).
   """
-  bar.reset()
-  bar.initial = bar.n = bar.last_print_n = step
-  bar.set_description("training steps")
+  bar.initial = bar.n = bar.last_print_n = step  # The first execution's steps are shown but not timed.
+  bar.unpause()  # Moves the bar's start past the time since it was drawn: compiling is no step's time.
+  bar.set_description_str("training steps")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,

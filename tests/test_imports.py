@@ -11,8 +11,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "musicgen_jax"
 # Lowest layer first: a module may import only modules before it.
 LAYERS = ("errors", "paths", "atomic", "rundir", "config", "store", "events", "models", "losses", "optimizers",
-          "config_checks", "steps", "sampling", "input_pipeline", "checkpointing", "runlock", "prepare", "generate", "plots",
-          "train", "evaluate", "stats", "audio", "demo", "menu", "cli")
+          "config_checks", "steps", "sampling", "input_pipeline", "checkpointing", "runlock", "prepare", "generate",
+          "plots", "train", "evaluate", "stats", "audio", "demo", "menu", "cli")
 STEPS_LIBRARIES = {"jax", "flax", "optax", "numpy", "ml_collections"}
 
 

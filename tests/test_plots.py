@@ -1,4 +1,5 @@
-"""Pictures: piano rolls and training curves are valid PNGs of sensible size; samples during training; `musicgen plot`."""
+"""Pictures: piano rolls and training curves are valid PNGs of sensible size; samples during training;
+`musicgen plot`."""
 
 import json
 

@@ -215,7 +215,8 @@ def test_smaller_rerun_removes_splits_it_no_longer_has(small_maestro, tmp_path):
 
 def test_real_maestro_files_in_worker_processes(maestro, tmp_path):
   smallest = sorted(maestro.glob("*/*.midi"), key=lambda p: p.stat().st_size)[:3]
-  rows = [("Composer", "Title", split, f"{split}/{p.name}") for p, split in zip(smallest, ["train", "train", "validation"])]
+  rows = [("Composer", "Title", split, f"{split}/{p.name}")
+          for p, split in zip(smallest, ["train", "train", "validation"])]
   root = maestro_root(tmp_path / "maestro", rows, {row[3]: path for row, path in zip(rows, smallest)})
   manifest = prepare_quietly([root], tmp_path / "out", workers=2)
   assert manifest["cache"] == {"hits": 0, "parsed": 3}
@@ -228,8 +229,8 @@ def karaoke_file(path: Path) -> None:
   and the lyrics as text events, then a track of notes."""
   import mido
 
-  words = mido.MidiTrack([mido.MetaMessage("text", text="@KMIDI KARAOKE FILE"),
-                          *(mido.MetaMessage("text", text=syllable, time=240) for syllable in ("\\Twin", "kle ", "twin"))])
+  lyrics = [mido.MetaMessage("text", text=syllable, time=240) for syllable in ("\\Twin", "kle ", "twin")]
+  words = mido.MidiTrack([mido.MetaMessage("text", text="@KMIDI KARAOKE FILE"), *lyrics])
   notes = mido.MidiTrack()
   for i, pitch in enumerate((60, 60, 67, 67)):
     notes.append(mido.Message("note_on", note=pitch, velocity=70, time=0 if i == 0 else 120))
