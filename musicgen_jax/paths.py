@@ -39,7 +39,7 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
   while not existing.exists() and existing != existing.parent:
     existing = existing.parent
   if not existing.is_dir():
-    raise UserError(f"{what} {folder} cannot be made: {existing} is a file, not a folder")
+    raise UserError(f"cannot create {what} {folder}: {existing} is a file, not a folder")
   try:
     with tempfile.TemporaryFile(dir=existing):
       pass
