@@ -56,8 +56,7 @@ class Rule:
     return f"unset (None) or {words}" if self.unset else words
 
   def _range(self, config: ml_collections.ConfigDict) -> str:
-    low, high = (None if resolve(bound, config) is None else f"{bound} ({resolve(bound, config)})"
-                 if isinstance(bound, str) else str(bound) for bound in (self.low, self.high))
+    low, high = (shown(bound, config) for bound in (self.low, self.high))
     if low is not None and high is not None:
       if self.open_low or self.open_high:
         return f" in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
@@ -76,6 +75,7 @@ class Rule:
     return {bound for bound in (self.low, self.high, self.multiple_of) if isinstance(bound, str)}
 
   def accepts(self, value: Any, config: ml_collections.ConfigDict) -> bool:
+    """Whether `value` is of the rule's kind and within its bounds, as `config` sets them."""
     if value is None:
       return self.unset
     if self.kind == "name":
@@ -99,14 +99,17 @@ class Rule:
 
 
 def whole(low: Bound = None, high: Bound = None, **options: Any) -> Rule:
+  """An int (never a bool) within [low, high]."""
   return Rule("whole", low, high, **options)
 
 
 def number(low: Bound = None, high: Bound = None, **options: Any) -> Rule:
+  """A finite int or float within [low, high]."""
   return Rule("number", low, high, **options)
 
 
 def names(allowed: Any) -> Rule:
+  """One of the names `allowed` (a tuple, or a dict's keys)."""
   return Rule("name", names=tuple(allowed))
 
 
@@ -182,6 +185,14 @@ def resolve(bound: Bound, config: ml_collections.ConfigDict) -> int | float | No
     return bound
   value = value_at(config, bound)
   return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def shown(bound: Bound, config: ml_collections.ConfigDict) -> str | None:
+  """A bound as a message shows it: the number, or the setting's key and its value; None for no bound."""
+  value = resolve(bound, config)
+  if value is None:
+    return None
+  return f"{bound} ({value})" if isinstance(bound, str) else str(value)
 
 
 def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
