@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers
 
-from musicgen_jax import cudnn_lstm, rundir
+from musicgen_jax import config_checks, cudnn_lstm, rundir
 from musicgen_jax.config import apply_overrides, read_config
 from musicgen_jax.errors import UserError
 from musicgen_jax.steps import create_train_state
@@ -235,6 +235,7 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = "latest") -> Lo
   if not Path(workdir).is_dir():
     raise UserError(f"run folder {workdir} does not exist: train one with `musicgen train --workdir {workdir}`")
   config = read_config(workdir)
+  config_checks.check(config)
   if config.model.get("recurrence") == "cudnn" and not cudnn_lstm.platform():
     # The recurrence changes no parameter: a run trained with cuDNN generates and evaluates anywhere.
     config = apply_overrides(config, ["model.recurrence=auto"])

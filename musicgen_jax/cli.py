@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
   prep = command("prepare", cmd_prepare, "Turn MIDI files (a MAESTRO root, folders or files) into an event corpus.")
   prep.add_argument("sources", nargs="+", metavar="SOURCE", help="MAESTRO root, folder of MIDI files, or MIDI file")
   prep.add_argument("--out", required=True, metavar="DIR", help="folder to write the prepared corpus to")
-  prep.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="parser processes (default: all cores)")
+  prep.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                    help="parser processes (default: all cores)")
   prep.add_argument("--filter", metavar="TEXT", help="keep only pieces whose path, composer or title contains TEXT")
   prep.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F",
                     help="share of a plain folder held out for validation (default 0.1; MAESTRO uses its own split)")
@@ -197,13 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
   length.add_argument("--length", type=positive_int, metavar="EVENTS", help="events per file (default 1024)")
   length.add_argument("--seconds", type=positive_float, metavar="S",
                       help="instead of --length: end each file once its music reaches S seconds")
-  gen.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="files sampled at once (default 64)")
+  gen.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
+                   help="files sampled at once (default 64)")
   gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="pitch sampling temperature (default 1)")
   gen.add_argument("--time-temperature", type=float, default=1.0, metavar="T",
                    help="temperature of the time (dt) distribution (default 1; distribution heads)")
   gen.add_argument("--velocity-temperature", type=float, default=1.0, metavar="T",
                    help="temperature of the velocity distribution (default 1; distribution heads)")
-  gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample only among the K likeliest pitches (0: off)")
+  gen.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample only among the K likeliest pitches (0: off)")
   gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
   gen.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
   gen.add_argument("--primer", metavar="FILE.mid", help="MIDI file whose events warm up the model")
@@ -268,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return args.handler(args)
   except UserError as error:
-    print(f"musicgen: error: {error}", file=sys.stderr)
+    for line in str(error).splitlines():
+      print(f"musicgen: error: {line}", file=sys.stderr)
     return EXIT_USER_ERROR
   except KeyboardInterrupt:
     print("musicgen: interrupted", file=sys.stderr)

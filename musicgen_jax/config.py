@@ -127,7 +127,8 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The config saved in a run folder, locked; a UserError if the folder holds no run."""
   path = rundir.config_file(workdir)
   if not path.is_file():
-    raise UserError(f"{workdir} holds no run (no {rundir.CONFIG_FILE}): train one with `musicgen train --workdir {workdir}`")
+    raise UserError(f"{workdir} holds no run (no {rundir.CONFIG_FILE}): "
+                    f"train one with `musicgen train --workdir {workdir}`")
   try:
     loaded = json.loads(path.read_text())
   except json.JSONDecodeError as error:

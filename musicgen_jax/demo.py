@@ -42,15 +42,17 @@ def chorales_to_midi(out_dir: Path, progress: bool = True) -> Path:
 def run_demo(home: str | os.PathLike | None = None, *, steps: int = 3000, num_files: int = 4,
              progress: bool = True) -> list[Path]:
   """Prepares the chorales, trains `configs/tiny.py` for `steps` steps (resuming if run before), generates."""
-  from musicgen_jax import generate, plots, prepare, train
+  from musicgen_jax import config_checks, generate, plots, prepare, train
   from musicgen_jax.config import apply_overrides, load_config
 
   root = Path(home or paths.home()) / "demo"
-  midi_dir = chorales_to_midi(root / "chorales-midi", progress)
   data_dir = root / "data"
+  config = apply_overrides(load_config("tiny"), [f"data.dir={data_dir}", f"train.steps={steps}"])
+  config_checks.check(config)
+  paths.check_writable(root, "demo folder")
+  midi_dir = chorales_to_midi(root / "chorales-midi", progress)
   prepare.prepare_corpus([str(midi_dir)], data_dir, workers=os.cpu_count() or 1, filter_text=None,
                          progress=progress)
-  config = apply_overrides(load_config("tiny"), [f"data.dir={data_dir}", f"train.steps={steps}"])
   train.train_and_evaluate(config, root / "run", progress=progress, samples=plots.log_samples)
   files = generate.generate(root / "run", root / "generated", num=num_files, length=512,
                             batch_size=num_files, seed=0, overwrite=True, progress=progress)

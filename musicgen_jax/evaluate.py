@@ -31,10 +31,11 @@ def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: 
   """The metrics of one checkpoint (`steps.Trainer.evaluate`) and its `step`: per-component NLL in nats/event
   (pitch, time, velocity; for regression heads from the Laplace and Gaussian fitted on `split`), the
   total, bits per note and per second, pitch accuracy and, for regression heads, dt MAE and velocity RMSE."""
+  from musicgen_jax import checkpointing, config_checks, input_pipeline, steps
   from musicgen_jax import config as config_lib
-  from musicgen_jax import checkpointing, input_pipeline, steps
 
   run_config = config_lib.read_config(workdir)
+  config_checks.check(run_config)
   data_dir = prepared_data(data, run_config.data.sustain)
   if not store.has_split(data_dir, split):
     raise UserError(f"{data_dir} has no {split!r} split: choose one with --split (e.g. train, validation)")

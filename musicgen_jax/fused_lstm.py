@@ -35,7 +35,8 @@ def _scan(step: Any, init: Any, xs: Any, **kwargs: Any) -> tuple[Any, Any]:
   def bit_step(carry: Any, x: Any) -> tuple[Any, Any]:
     carry, ys = step(carry, x)
     out_dtypes[:] = [y.dtype for y in jax.tree.leaves(ys)]
-    return carry, jax.tree.map(lambda y: jax.lax.bitcast_convert_type(y, jnp.uint16) if y.dtype.itemsize == 2 else y, ys)
+    as_bits = lambda y: jax.lax.bitcast_convert_type(y, jnp.uint16) if y.dtype.itemsize == 2 else y
+    return carry, jax.tree.map(as_bits, ys)
 
   carry, ys = jax.lax.scan(bit_step, init, xs, **kwargs)
   leaves, treedef = jax.tree.flatten(ys)

@@ -12,7 +12,7 @@ from typing import Any, Iterator, TypeVar
 import jax
 import numpy as np
 
-from musicgen_jax import atomic, checkpointing, events, sampling, store
+from musicgen_jax import atomic, checkpointing, events, paths, sampling, store
 from musicgen_jax.errors import UserError
 
 MAX_SEED = 2**63
@@ -112,12 +112,13 @@ def sample_batch(graphdef: Any, params: Any, state: Any, event: Any, keys: jax.A
 
 
 def make_out_dir(out_dir: str | os.PathLike) -> Path:
-  """Creates the output folder if needed; a UserError if it can't be."""
+  """Creates the output folder if needed; a UserError if it can't be or can't be written in."""
   out_dir = Path(out_dir)
   try:
     out_dir.mkdir(parents=True, exist_ok=True)
   except OSError as error:
     raise UserError(f"cannot create output folder {out_dir} ({error.strerror or error})") from None
+  paths.check_writable(out_dir, "output folder")
   return out_dir
 
 
@@ -133,8 +134,12 @@ def one_ahead(items: Iterator[T]) -> Iterator[T]:
 
 def write_midi(stream: store.Events, path: Path) -> None:
   """Writes a MIDI file under a temporary name, renamed into place: a kill never leaves half a file."""
-  with atomic.replacing(path) as tmp:
-    events.write_midi(stream, tmp)
+  try:
+    with atomic.replacing(path) as tmp:
+      events.write_midi(stream, tmp)
+  except OSError as error:
+    raise UserError(f"could not write {path} ({error.strerror or error}): free space or choose another "
+                    "output folder") from None
 
 
 def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int = 1, length: int | None = None,
@@ -159,10 +164,11 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
                 prefix=prefix)
   if length is None and seconds is None:
     length = DEFAULT_LENGTH
+  paths.check_writable(out_dir, "output folder")
   run = checkpointing.load_run(workdir, checkpoint)
   primer_stream = None if primer is None else read_primer(primer, primer_events, run.config.data.sustain)
-  paths = output_paths(make_out_dir(out_dir), prefix, num)
-  check_free(paths, overwrite)
+  files = output_paths(make_out_dir(out_dir), prefix, num)
+  check_free(files, overwrite)
   settings = sampling.make_settings(run.config, temperature=temperature, top_k=top_k, top_p=top_p,
                                     time_temperature=time_temperature, velocity_temperature=velocity_temperature)
   primer_inputs = None if primer_stream is None else sampling.as_inputs(primer_stream)
@@ -178,9 +184,9 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   with tqdm(total=num, unit="file", desc="generating", disable=not progress, dynamic_ncols=True) as bar:
     for first, sampled in batches:
       sampled = jax.device_get(sampled)
-      for row, path in enumerate(paths[first:first + batch]):
+      for row, path in enumerate(files[first:first + batch]):
         continuation = within_seconds(sampling.to_events(sampled, row), seconds)
         write_midi(store.Events.concatenate([primer_stream, continuation]) if keep_primer else continuation,
                    path)
         bar.update(1)
-  return paths
+  return files

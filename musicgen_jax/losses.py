@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from musicgen_jax import distributions, models
 
 HEADS = ("pitch", "time", "velocity")  # The model's heads, each with its loss and its own optimizer.
+# How the time and velocity losses reach the LSTM: not at all (`strict`), or summed with the pitch loss (`joint`).
+ISOLATION_MODES = ("strict", "joint")
 SUMS = {  # What a train step sums for each `model.heads`.
     "regression": ("events", "pitch_nll", "pitch_correct", "dt_abs_error", "velocity_sq_error"),
     "distribution": ("events", "pitch_nll", "pitch_correct", "time_nll", "velocity_nll", "seconds"),

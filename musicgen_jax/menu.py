@@ -52,7 +52,7 @@ class Menu:
       self.say(f"Please type a number from {first} to {last}.")
 
   def ask_steps(self) -> int | None:
-    """Steps to train, or None to train until Ctrl+C (or the config's train.steps)."""
+    """Steps to train, or None to train until Ctrl+C."""
     while True:
       answer = self.ask("Steps to train (empty: until Ctrl+C)")
       if not answer:
@@ -75,6 +75,20 @@ def default_midi_source() -> str:
   return os.environ.get(MIDI_ENV) or str(demo.chorales_to_midi(paths.home() / "demo" / "chorales-midi"))
 
 
+def ask_config(menu: Menu) -> str:
+  """A config name or file, re-asked until it loads and every value passes the config checks."""
+  from musicgen_jax import config_checks
+  from musicgen_jax.config import load_config
+
+  while True:
+    name = menu.ask("Config (default, tiny, original or a file)", "default")
+    try:
+      config_checks.check(load_config(name))
+      return name
+    except UserError as error:
+      menu.say(f"{error}\nType another config.")
+
+
 def new_run(menu: Menu) -> tuple[Path, list[str], str]:
   """Asks a name, a filter string, the MIDI source and a config; prepares the data for the new run."""
   from musicgen_jax import prepare
@@ -91,15 +105,28 @@ def new_run(menu: Menu) -> tuple[Path, list[str], str]:
     if Path(source).exists():
       break
     menu.say(f"{source} does not exist; type a folder that holds .mid or .midi files.")
-  config_name = menu.ask("Config (default, tiny, original or a file)", "default")
+  config_name = ask_config(menu)
   data_dir = paths.data_dir() / name
   prepare.prepare_corpus([source], data_dir, workers=os.cpu_count() or 1, filter_text=filter_text or None)
   return paths.runs_dir() / name, [f"data.dir={data_dir}"], config_name
 
 
+def steps_done(workdir: Path) -> int:
+  """The step of a run's latest checkpoint, 0 if it has none."""
+  from musicgen_jax import checkpointing
+
+  if not rundir.checkpoint_dir(workdir).is_dir():
+    return 0
+  manager = checkpointing.checkpoint_manager(workdir, read_only=True)
+  try:
+    return manager.latest_step() or 0
+  finally:
+    manager.close()
+
+
 def train_menu(menu: Menu) -> None:
   """[0] creates a new model, a number continues that run; training stops on Ctrl+C and saves."""
-  from musicgen_jax import checkpointing, plots, train
+  from musicgen_jax import plots, train
   from musicgen_jax.config import run_config
 
   runs = list_runs()
@@ -109,10 +136,7 @@ def train_menu(menu: Menu) -> None:
   else:
     workdir, overrides, config_name = runs[picked - 1], [], None
   steps = menu.ask_steps()
-  if steps is not None:
-    manager = checkpointing.checkpoint_manager(workdir) if rundir.checkpoint_dir(workdir).is_dir() else None
-    done = (manager.latest_step() or 0) if manager else 0
-    overrides.append(f"train.steps={done + steps}")
+  overrides.append(f"train.steps={train.UNTIL_STOPPED if steps is None else steps_done(workdir) + steps}")
   config = run_config(workdir, config_name, None, overrides)
   menu.say(f"Training {workdir.name}; press Ctrl+C to stop and save.")
   state = train.train_and_evaluate(config, workdir, samples=plots.log_samples)

@@ -32,16 +32,29 @@ def param_labels(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: label_of_path(path), params)
 
 
+# Each decay after the warm-up, from an optimizer's config and the run's total steps.
+DECAYS: dict[str, Callable[[ml_collections.ConfigDict, int], optax.Schedule]] = {
+    "constant": lambda opt, total_steps: optax.constant_schedule(opt.learning_rate),
+    "cosine": lambda opt, total_steps: optax.cosine_decay_schedule(opt.learning_rate,
+                                                                   max(total_steps - opt.warmup_steps, 1)),
+    "exponential": lambda opt, total_steps: optax.exponential_decay(opt.learning_rate, opt.decay_steps,
+                                                                    opt.decay_rate, staircase=True),
+}
+# Each optimizer, from its config and its learning-rate schedule.
+OPTIMIZERS: dict[str, Callable[[ml_collections.ConfigDict, optax.Schedule], optax.GradientTransformation]] = {
+    "adam": lambda opt, schedule: optax.adam(schedule),
+    "adamw": lambda opt, schedule: optax.adamw(schedule, weight_decay=opt.weight_decay),
+    "sgd": lambda opt, schedule: optax.sgd(schedule, momentum=0.9),
+}
+
+
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warm-up to `learning_rate`, then constant, cosine to zero at `total_steps`, or exponential."""
-  if opt.decay == "constant":
-    decayed = optax.constant_schedule(opt.learning_rate)
-  elif opt.decay == "cosine":
-    decayed = optax.cosine_decay_schedule(opt.learning_rate, max(total_steps - opt.warmup_steps, 1))
-  elif opt.decay == "exponential":
-    decayed = optax.exponential_decay(opt.learning_rate, opt.decay_steps, opt.decay_rate, staircase=True)
-  else:
-    raise ValueError(f"unknown decay {opt.decay!r}: use constant, cosine or exponential")
+  """Linear warm-up to `learning_rate`, then constant, cosine to zero at `total_steps`, or exponential.
+
+  The schedule is a function of the step and `total_steps` alone: a run resumed with a larger `train.steps`
+  continues from its step on the schedule of the new total (a cosine is stretched to end at the new total).
+  """
+  decayed = DECAYS[opt.decay](opt, total_steps)
   if opt.warmup_steps <= 0:
     return decayed
   warmup = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
@@ -49,15 +62,8 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def _single_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-  makers: dict[str, Callable[[], optax.GradientTransformation]] = {
-      "adam": lambda: optax.adam(schedule),
-      "adamw": lambda: optax.adamw(schedule, weight_decay=opt.weight_decay),
-      "sgd": lambda: optax.sgd(schedule, momentum=0.9),
-  }
-  if opt.name not in makers:
-    raise ValueError(f"unknown optimizer {opt.name!r}: use one of {sorted(makers)}")
   clip = [optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm > 0 else []
-  return optax.chain(*clip, makers[opt.name]())
+  return optax.chain(*clip, OPTIMIZERS[opt.name](opt, schedule))
 
 
 def schedules(config: ml_collections.ConfigDict) -> dict[str, optax.Schedule]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from musicgen_jax import events, rundir
+from musicgen_jax import events, paths, rundir
 from musicgen_jax.errors import UserError
 from musicgen_jax.store import Events
 
@@ -50,8 +50,12 @@ def pixels(figure: Figure) -> np.ndarray:
 
 
 def save(figure: Figure, path: str | os.PathLike) -> Path:
-  """Writes the figure as a PNG file and returns its path."""
-  figure.savefig(path, format="png")
+  """Writes the figure as a PNG file and returns its path; a UserError if it can't be written."""
+  try:
+    figure.savefig(path, format="png")
+  except OSError as error:
+    raise UserError(f"could not write {path} ({error.strerror or error}): free space or make its folder "
+                    "writable") from None
   return Path(path)
 
 
@@ -81,7 +85,8 @@ def piano_roll(source: Events | str | os.PathLike, title: str = "") -> Figure:
   axes.set_xlim(0.0, max(piece.end.max(initial=0.0), 1.0))
   octaves = np.arange(0, 128, 12)
   axes.set_yticks(octaves, [f"C{octave // 12 - 1}" for octave in octaves])
-  axes.set_ylim(min(PIANO_RANGE[0], piece.pitch.min(initial=127)) - 1, max(PIANO_RANGE[1], piece.pitch.max(initial=0)) + 1)
+  axes.set_ylim(min(PIANO_RANGE[0], piece.pitch.min(initial=127)) - 1,
+                max(PIANO_RANGE[1], piece.pitch.max(initial=0)) + 1)
   axes.grid(axis="y", alpha=0.3)
   axes.set_xlabel("time (s)")
   axes.set_ylabel("pitch")
@@ -149,6 +154,7 @@ def plot(path: str | os.PathLike) -> Path:
   path = Path(path)
   if not path.exists():
     raise UserError(f"{path} does not exist: give a run folder (for its curves) or a MIDI file (for its piano roll)")
+  paths.check_writable(path.parent if path.is_file() else path, "the folder")
   if path.is_file():
     return write_piano_rolls([path])[0]
   return write_curves(path)
@@ -171,10 +177,10 @@ def log_samples(run_dir: str | os.PathLike, graphdef: nnx.GraphDef, params: nnx.
   state, event = sampling.prime_compiled(graphdef, params, None)
   keys = sampling.sequence_keys(config.seed, 0, num)
   batch = jax.device_get(sampling.sample_compiled(graphdef, params, state, event, keys, settings, length)[0])
-  paths = generate.output_paths(generate.make_out_dir(rundir.samples_dir(run_dir, step)), "sample", num)
-  for row, path in enumerate(paths):
+  files = generate.output_paths(generate.make_out_dir(rundir.samples_dir(run_dir, step)), "sample", num)
+  for row, path in enumerate(files):
     stream = sampling.to_events(batch, row)
     generate.write_midi(stream, path)
     image = pixels(piano_roll(stream, f"step {step}, sample {row}"))
     writer.add_image(f"samples/{row}", image, step, dataformats="HWC")
-  return paths
+  return files

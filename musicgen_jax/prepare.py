@@ -36,7 +36,8 @@ import numpy as np
 from musicgen_jax import atomic, events, store
 from musicgen_jax.errors import UserError
 
-MIDI_SUFFIXES = (".mid", ".midi", ".smf")
+# Standard MIDI files, karaoke MIDI files (lyrics as text events) and RIFF-wrapped RMID files.
+MIDI_SUFFIXES = (".mid", ".midi", ".smf", ".kar", ".rmi")
 SPLITS = ("train", "validation", "test")
 MANIFEST = store.MANIFEST
 CACHE_DIR = ".cache"

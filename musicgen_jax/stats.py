@@ -54,7 +54,8 @@ def histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def mean_polyphony(piece: events.Notes) -> float:
-  """Notes sounding at once, averaged over the time at least one sounds (a note ending as another starts doesn't overlap it)."""
+  """Notes sounding at once, averaged over the time at least one sounds (a note ending as another starts
+  doesn't overlap it)."""
   time = np.concatenate([piece.start, piece.end])
   change = np.concatenate([np.ones(len(piece.start)), -np.ones(len(piece.end))])
   order = np.lexsort((change, time))
@@ -200,7 +201,8 @@ def load_set(path: str | os.PathLike, split: str) -> list[Events]:
   if not path.is_dir():
     return read_midi_pieces([path], path)
   table = prepare.maestro_csv(path)
-  files = [p.path for p in prepare.maestro_pieces(path, table) if p.split == split] if table else prepare.midi_files(path)
+  files = ([p.path for p in prepare.maestro_pieces(path, table) if p.split == split] if table
+           else prepare.midi_files(path))
   if not files:
     raise UserError(f"{path} holds no MIDI files{f' in its {split!r} split' if table else ''} "
                     f"({', '.join(prepare.MIDI_SUFFIXES)}): give a folder that does")

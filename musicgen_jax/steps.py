@@ -20,11 +20,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from musicgen_jax import models, optimizers
+from musicgen_jax import config_checks, models, optimizers
 from musicgen_jax.errors import UserError
 from musicgen_jax.losses import event_sums, losses_from_sums, position_weights, summarize, zero_metrics
-
-ISOLATION_MODES = ("strict", "joint")
 
 
 @flax.struct.dataclass
@@ -88,8 +86,6 @@ def execution_steps(train_config: ml_collections.ConfigDict) -> int:
   """Steps per compiled execution: `train.steps_per_execution`, reduced to divide every cadence of the
   loop (log, evaluation, checkpoint, samples, the last step), so that each falls on an execution's last
   step and a resumed run repeats the executions of an uninterrupted one."""
-  if train_config.steps_per_execution < 1:
-    raise UserError(f"train.steps_per_execution must be at least 1, not {train_config.steps_per_execution}")
   cadences = (train_config.steps, train_config.log_every, train_config.eval_every, train_config.checkpoint_every,
               train_config.sample_every)
   return math.gcd(train_config.steps_per_execution, *(c for c in cadences if c > 0))
@@ -121,10 +117,7 @@ class Trainer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict):
-    if config.train.isolation not in ISOLATION_MODES:
-      raise UserError(f"train.isolation must be one of {ISOLATION_MODES}, not {config.train.isolation!r}")
-    if not 0 <= config.train.predict_last <= config.data.window:
-      raise UserError(f"train.predict_last must be between 0 and data.window ({config.data.window})")
+    config_checks.check(config)
     self.config = config
     self.steps_per_execution = execution_steps(config.train)
     self.mesh = data_mesh(config)

@@ -18,12 +18,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from musicgen_jax import atomic, checkpointing, input_pipeline, optimizers, rundir, store
+from musicgen_jax import atomic, checkpointing, config_checks, input_pipeline, optimizers, paths, rundir, store
 from musicgen_jax.config import apply_overrides, save_config
 from musicgen_jax.errors import UserError
 from musicgen_jax.losses import HEADS, summarize
 from musicgen_jax.runlock import run_lock
 from musicgen_jax.steps import Trainer, TrainState
+
+# train.steps of a run trained until stopped (the menu's empty answer): below the int32 step counter's
+# limit, and a multiple of every usual cadence so that steps per execution are not reduced.
+UNTIL_STOPPED = 2_000_000_000
 
 
 class SampleHook(Protocol):
@@ -159,6 +163,25 @@ def with_release_threshold(config: ml_collections.ConfigDict) -> ml_collections.
   return apply_overrides(config, [f"sample.release_threshold={threshold:.3f}"])
 
 
+def progress_bar(total: int, step: int, enabled: bool) -> Any:
+  """The training bar, counting steps from `step`; without a total (nor an ETA) for a run trained until
+  stopped. It says `compiling` until `restart_clock` is called after the first execution.
+  """
+  from tqdm import tqdm
+
+  return tqdm(total=None if total >= UNTIL_STOPPED else total, initial=step, disable=not enabled, unit="step",
+              desc="training steps (compiling)", smoothing=0, dynamic_ncols=True)
+
+
+def restart_clock(bar: Any, step: int) -> None:
+  """Restarts the bar's clock at `step`: its rate and ETA then come from this session's steps after the first
+  execution alone, not from the time spent compiling it (which made a 30 s run open with an ETA of hours).
+  """
+  bar.initial = bar.n = bar.last_print_n = step  # The first execution's steps are shown but not timed.
+  bar.unpause()  # Moves the bar's start past the time since it was drawn: compiling is no step's time.
+  bar.set_description_str("training steps")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        progress: bool = True, stop: Callable[[int], bool] | None = None,
                        samples: SampleHook | None = None) -> TrainState:
@@ -167,9 +190,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   Steps run `Trainer.steps_per_execution` at a time; a stop signal, or `stop(step)` (for tests and the menu) turning
   true, ends the run with a save after the execution under way. Every `train.sample_every` steps, `samples`
   (if given) writes samples of the current parameters.
-  """
-  from tqdm import tqdm
 
+  The whole config is validated, and the run folder checked for writing, before anything is written: a
+  start that fails on a user mistake leaves the run folder as it was (its config.json included).
+  """
+  config_checks.check(config)
+  paths.check_writable(workdir, "run folder")
   if config.mesh.distributed and not jax.distributed.is_initialized():
     jax.distributed.initialize()
   workdir = Path(workdir)
@@ -178,11 +204,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     raise UserError(f"no prepared training data at {data_dir or '(data.dir unset)'}: "
                     "run `musicgen prepare SOURCE --out DIR` and pass --data DIR")
   config = with_release_threshold(config)
+  trainer = Trainer(config)  # Checks the devices against the config.
   workdir.mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as resources:
     resources.enter_context(run_lock(workdir))
-    trainer = Trainer(config)
-    save_config(config, workdir)
     manager = resources.enter_context(
         checkpointing.closing(checkpointing.checkpoint_manager(workdir, config.train.keep_checkpoints)))
     train_iter = input_pipeline.train_iterator(config, data_dir, shard_index=jax.process_index(),
@@ -190,19 +215,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     resources.callback(train_iter.close)
     eval_batches = input_pipeline.eval_batches(config, data_dir) if store.has_split(data_dir, "validation") else []
     state, step = restore_latest(manager, trainer, train_iter)
+    save_config(config, workdir)
     schedules = optimizers.schedules(config)
     log = MetricsLog(workdir, step)
     resources.callback(log.close)
     batch_events = config.train.batch_size * config.data.window
     stop_request = resources.enter_context(StopRequest())
-    bar = resources.enter_context(tqdm(total=config.train.steps, initial=step, disable=not progress, unit="step",
-                                       dynamic_ncols=True))
-    metrics, tick = trainer.zero_metrics(), time.perf_counter()
+    bar = resources.enter_context(progress_bar(config.train.steps, step, progress))
+    metrics, tick, compiled = trainer.zero_metrics(), time.perf_counter(), False
     while step < config.train.steps:
       batches = trainer.shard_batches([next(train_iter) for _ in range(trainer.steps_per_execution)])
       state, metrics = trainer.train_steps(state, metrics, batches)
       step += trainer.steps_per_execution
-      bar.update(trainer.steps_per_execution)
+      if compiled:
+        bar.update(trainer.steps_per_execution)
+      else:
+        jax.block_until_ready(state.step)
+        restart_clock(bar, step)
+        compiled = True
       last = step == config.train.steps or stop_request.requested or (stop is not None and stop(step))
       if step % config.train.log_every == 0 or last:
         totals = jax.device_get(metrics)

@@ -41,12 +41,12 @@ from typing import Any, Callable
 import jax
 import ml_collections
 from flax import nnx
+from torch_reference import TorchStep
 
 from bench_train import JaxStep
 from musicgen_jax import losses, models, sampling
 from musicgen_jax.config import apply_overrides, load_config
 from musicgen_jax.errors import UserError
-from torch_reference import TorchStep
 
 SMOKE = {"batch_sizes": [2], "window": 8, "generate_batch_sizes": [2], "generate_length": 4, "calls": 1,
          "overrides": ["model.hidden=16", "model.embed=8", "train.steps_per_execution=2"]}

@@ -31,10 +31,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+from torch_reference import TorchStep, synthetic_batch
 
 from musicgen_jax import models, steps
 from musicgen_jax.config import apply_overrides, load_config
-from torch_reference import TorchStep, synthetic_batch
 
 GEMM_SIZE = 2048
 

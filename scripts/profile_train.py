@@ -61,7 +61,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=2,
                       help="traced calls (after one untraced warm-up), each of steps.execution_steps steps")
   parser.add_argument("--top", type=int, default=30, help="ops to print")
-  parser.add_argument("--trace-dir", type=Path, default=None, help="where to keep the trace (default: a temporary folder)")
+  parser.add_argument("--trace-dir", type=Path, default=None,
+                      help="where to keep the trace (default: a temporary folder)")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   config = apply_overrides(load_config(args.config), args.overrides)

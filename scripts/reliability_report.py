@@ -38,7 +38,8 @@ def corpus_figures(tmp: Path) -> dict:
 def time_limit_figures(tmp: Path) -> dict:
   """A file that takes some 10 s to read between two quick ones, with a 0.5 s limit: outcomes and wall time."""
   (tmp / "corpus").mkdir()
-  for name, content in {"a.mid": harness.TUNE, "slow.mid": harness.many_notes(1_000_000), "z.mid": harness.TUNE}.items():
+  files = {"a.mid": harness.TUNE, "slow.mid": harness.many_notes(1_000_000), "z.mid": harness.TUNE}
+  for name, content in files.items():
     (tmp / "corpus" / name).write_bytes(content)
   start = time.monotonic()
   manifest = prepare.prepare_corpus([str(tmp / "corpus")], tmp / "out", val_fraction=0.0, progress=False,

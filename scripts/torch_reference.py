@@ -88,4 +88,5 @@ class TorchStep:
     logits = self.heads["pitch"](features)
     return (torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets["pitch"].long().flatten())
             + (self.heads["time"](side)[..., 0].float() - targets["dt"]).abs().mean()
-            + (self.heads["velocity"](side)[..., 0].float() - targets["velocity"] / models.MAX_VELOCITY).square().mean())
+            + (self.heads["velocity"](side)[..., 0].float() - targets["velocity"] / models.MAX_VELOCITY)
+            .square().mean())

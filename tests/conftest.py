@@ -25,3 +25,46 @@ def maestro() -> Path:
   if root is None:
     pytest.skip(f"MAESTRO v3.0.0 not found: set {MAESTRO_ENV} or place it at {DEFAULT_MAESTRO}")
   return root
+
+
+def set_modes(modes: dict[Path, int]) -> None:
+  for path, mode in modes.items():
+    path.chmod(mode)
+
+
+@pytest.fixture
+def make_read_only():
+  """A function that makes a folder, with what it holds, read-only until the test ends: as root (whom chmod
+  does not stop) a read-only tmpfs holding a copy is mounted over it, else its permissions are dropped.
+  Skips the test where neither can be done.
+  """
+  import shutil
+  import subprocess
+  import tempfile
+
+  undo = []
+
+  def make(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+      modes = {path: path.stat().st_mode for path in [folder, *folder.rglob("*")]}
+      set_modes({path: mode & ~0o222 for path, mode in modes.items()})
+      undo.append(lambda: set_modes(modes))
+      return folder
+    copy = Path(tempfile.mkdtemp()) / "copy"
+    shutil.copytree(folder, copy)
+    try:
+      mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True)
+    except FileNotFoundError:
+      pytest.skip("no mount command: a read-only folder cannot be made for root here")
+    if mounted.returncode:
+      pytest.skip(f"cannot mount a tmpfs ({mounted.stderr.decode().strip()}): no read-only folder for root here")
+    undo.append(lambda: subprocess.run(["umount", "-l", str(folder)], check=False))
+    shutil.copytree(copy, folder, dirs_exist_ok=True)
+    shutil.rmtree(copy.parent)
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    return folder
+
+  yield make
+  for step in reversed(undo):
+    step()

@@ -1,5 +1,6 @@
 """WAV rendering: FluidSynth where installed (else skipped with the reason), one helpful line where it isn't."""
 
+import os
 import shutil
 import wave
 
@@ -91,3 +92,30 @@ def test_generate_wav_renders_each_file(renderer, capsys, monkeypatch, tmp_path)
   assert code == 0, err
   assert "wrote 2 WAV files" in out
   assert sorted(p.name for p in (tmp_path / "out").glob("*.wav")) == ["sample_0.wav", "sample_1.wav"]
+
+
+FAKE_FLUIDSYNTH = """#!/bin/sh
+# Stands in for FluidSynth: writes the file after -F, or fails as it does on a bad soundfont.
+[ -n "$FAIL" ] && { echo "fluidsynth: error: Failed to load SoundFont" >&2; exit 1; }
+while [ "$1" != "-F" ]; do shift; done
+printf 'RIFF fake wav' > "$2"
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_render_lands_whole_or_leaves_nothing(scale_file, tmp_path, monkeypatch, fail):
+  """Through a stand-in FluidSynth: the WAV is renamed into place, or a failure leaves no file at all."""
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "fluidsynth").write_text(FAKE_FLUIDSYNTH)
+  (tmp_path / "bin" / "fluidsynth").chmod(0o755)
+  (tmp_path / "font.sf2").write_bytes(b"")
+  monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv(audio.SOUNDFONT_ENV, str(tmp_path / "font.sf2"))
+  if fail:
+    monkeypatch.setenv("FAIL", "1")
+    with pytest.raises(UserError, match="fluidsynth could not render .*: fluidsynth: error: Failed to load"):
+      audio.render_wav(scale_file)
+  else:
+    assert audio.render_wav(scale_file).read_bytes() == b"RIFF fake wav"
+  expected = ["bin", "font.sf2", "scale.mid"] + ([] if fail else ["scale.wav"])
+  assert sorted(p.name for p in tmp_path.iterdir()) == expected

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mido
+import numpy as np
 import pytest
 
 from musicgen_jax import cli, cudnn_lstm
@@ -218,3 +219,99 @@ def test_a_run_moves_between_recurrences(capsys, trained_run, tmp_path):
   code, _, err = run_cli(capsys, "train", "--workdir", str(run), "--quiet", "model.recurrence=scan", "train.steps=6")
   assert code == 0, err
   assert json.loads((run / "config.json").read_text())["model"]["recurrence"] == "scan"
+
+
+BAD_VALUES = [
+    "seed=-1", "data.window=0", "data.workers=-1", "data.prefetch=0", "data.transpose=200", "data.transpose=-1",
+    "data.time_stretch=1.0", "data.loudness_stretch=-0.5", "data.eval_windows=0", "model.inputs=foo",
+    "model.embed=0", "model.hidden=-5", "model.layers=0", "model.head_divisors=(2,0)", "model.head_divisors=(2,1000)",
+    "model.dropout=1.5", "model.dropout=-0.1", "model.heads=mixture", "model.order=('pitch','time')",
+    "model.order=('pitch','time','time')", "model.dt_bin=0", "model.dt_max=0.001", "model.dtype=float8",
+    "model.param_dtype=int8", "train.steps=0",
+    "train.steps=3000000000", "train.batch_size=0", "train.isolation=loose", "train.predict_last=-1",
+    "train.predict_last=33", "train.steps_per_execution=0", "train.log_every=0", "train.eval_every=0",
+    "train.checkpoint_every=-1", "train.keep_checkpoints=0", "train.sample_every=-5", "train.sample_count=0",
+    "train.sample_length=0", "train.optimizers.pitch.name=adamx", "train.optimizers.pitch.decay=linear",
+    "train.optimizers.time.learning_rate=-0.001", "train.optimizers.time.learning_rate=nan",
+    "train.optimizers.velocity.warmup_steps=-1", "train.optimizers.pitch.decay_rate=0",
+    "train.optimizers.time.decay_steps=0", "train.optimizers.velocity.clip_norm=-1",
+    "train.optimizers.pitch.weight_decay=-0.1", "mesh.data=-1", "mesh.data=3", "sample.max_dt=0",
+    "sample.release_threshold=200", "sample.release_threshold=-1",
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+  from musicgen_jax import store
+
+  pieces = [store.Events(np.full(100, 60 + i, np.uint8), np.full(100, 0.1, np.float32), np.full(100, 70, np.uint8))
+            for i in range(4)]
+  return store.write_corpus(tmp_path_factory.mktemp("prepared"), {"train": pieces, "validation": pieces[:1]})
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, bytes]] | None:
+  """Every file under `folder` with its modification time and bytes; None where the folder does not exist."""
+  if not folder.exists():
+    return None
+  return {str(path.relative_to(folder)): (path.stat().st_mtime_ns, path.read_bytes() if path.is_file() else b"")
+          for path in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("override", BAD_VALUES)
+@pytest.mark.parametrize("folder", ["new", "trained"])
+def test_every_bad_value_is_refused_in_one_line_before_the_run_folder_is_touched(capsys, tmp_path, prepared,
+                                                                                 trained_run, folder, override):
+  workdir = tmp_path / "run" if folder == "new" else trained_run
+  before = snapshot(workdir)
+  code, _, err = run_cli(capsys, "train", "--workdir", str(workdir), "--config", "tiny", "--data", str(prepared),
+                         "--quiet", override)
+  assert code == 2, err
+  assert err.count("\n") == 1 and err.startswith("musicgen: error: ") and "Traceback" not in err
+  key = override.partition("=")[0]
+  assert key in err or (key.startswith("model.") and folder == "trained" and "another model shape" in err)
+  assert snapshot(workdir) == before
+
+
+@pytest.fixture
+def broken_run(trained_run, tmp_path) -> Path:
+  """A copy of the trained run whose config.json was edited by hand to a value no rule allows."""
+  import json
+  import shutil
+
+  workdir = shutil.copytree(trained_run, tmp_path / "broken")
+  config = json.loads((workdir / "config.json").read_text())
+  config["model"]["dropout"] = 1.5
+  (workdir / "config.json").write_text(json.dumps(config))
+  return workdir
+
+
+@pytest.mark.parametrize("command", [["generate", "--out", "{tmp}/out"], ["evaluate", "--data", "{data}"],
+                                     ["train"]])
+def test_a_bad_value_in_a_saved_config_is_one_line_for_every_command(capsys, broken_run, trained_run, tmp_path,
+                                                                      command):
+  before = snapshot(broken_run)
+  argv = [a.format(tmp=tmp_path, data=trained_run.parent / "data") for a in command]
+  code, _, err = run_cli(capsys, argv[0], "--workdir", str(broken_run), *argv[1:])
+  assert code == 2 and err == "musicgen: error: bad config value model.dropout=1.5: it must be a number in [0, 1)\n"
+  assert snapshot(broken_run) == before and not (tmp_path / "out").exists()
+
+
+def test_generate_into_a_read_only_folder_is_refused_before_sampling(capsys, trained_run, tmp_path, monkeypatch,
+                                                                      make_read_only):
+  from musicgen_jax import sampling
+
+  def no_sampling(*args, **kwargs):
+    raise AssertionError("sampled before checking the output folder")
+
+  monkeypatch.setattr(sampling, "sample_compiled", no_sampling)
+  out = make_read_only(tmp_path / "out")
+  for target in (out, out / "new"):
+    code, _, err = run_cli(capsys, "generate", "--workdir", str(trained_run), "--out", str(target), "--quiet")
+    assert code == 2 and err.count("\n") == 1 and f"output folder {target}" in err, err
+
+
+def test_training_into_a_read_only_folder_is_refused_before_training(capsys, prepared, tmp_path, make_read_only):
+  parent = make_read_only(tmp_path / "runs")
+  code, _, err = run_cli(capsys, "train", "--workdir", str(parent / "run"), "--config", "tiny", "--data",
+                         str(prepared), "--quiet")
+  assert code == 2 and err.count("\n") == 1 and f"run folder {parent / 'run'}" in err, err

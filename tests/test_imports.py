@@ -11,8 +11,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "musicgen_jax"
 # Lowest layer first: a module may import only modules before it.
 LAYERS = ("errors", "paths", "atomic", "rundir", "config", "store", "events", "distributions", "fused_lstm",
-          "cudnn_lstm", "models", "losses", "optimizers", "steps", "sampling", "input_pipeline", "checkpointing",
-          "runlock", "prepare", "generate", "plots", "train", "evaluate", "stats", "audio", "demo", "menu", "cli")
+          "cudnn_lstm", "models", "losses", "optimizers", "config_checks", "steps", "sampling", "input_pipeline",
+          "checkpointing", "runlock", "prepare", "generate", "plots", "train", "evaluate", "stats", "audio", "demo",
+          "menu", "cli")
 STEPS_LIBRARIES = {"jax", "flax", "optax", "numpy", "ml_collections"}
 
 

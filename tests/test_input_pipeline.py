@@ -8,8 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from musicgen_jax import input_pipeline
-from musicgen_jax import store
+from musicgen_jax import input_pipeline, store
 from musicgen_jax.errors import UserError
 
 WINDOW = 8

@@ -1,4 +1,5 @@
-"""Pictures: piano rolls and training curves are valid PNGs of sensible size; samples during training; `musicgen plot`."""
+"""Pictures: piano rolls and training curves are valid PNGs of sensible size; samples during training;
+`musicgen plot`."""
 
 import json
 
@@ -131,3 +132,12 @@ def test_log_samples_writes_midi_and_logs_piano_rolls(tmp_path):
   assert all(array.shape == (*ROLL_PIXELS, 3) and array.dtype == np.uint8 for _, array, _, _ in writer.images)
   again = plots.log_samples(tmp_path, graphdef, state.params, config, 8, RecordingWriter(), num=2, length=40)
   assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
+
+
+def test_plot_beside_a_midi_file_in_a_read_only_folder_is_one_line(capsys, tmp_path, make_read_only):
+  (tmp_path / "midi").mkdir()
+  events.write_midi(SCALE, tmp_path / "midi" / "scale.mid")
+  folder = make_read_only(tmp_path / "midi")
+  code, _, err = run_cli(capsys, "plot", folder / "scale.mid")
+  assert code == 2 and err.count("\n") == 1 and f"cannot write in the folder {folder}" in err, err
+  assert not (folder / "scale.png").exists()

@@ -215,9 +215,36 @@ def test_smaller_rerun_removes_splits_it_no_longer_has(small_maestro, tmp_path):
 
 def test_real_maestro_files_in_worker_processes(maestro, tmp_path):
   smallest = sorted(maestro.glob("*/*.midi"), key=lambda p: p.stat().st_size)[:3]
-  rows = [("Composer", "Title", split, f"{split}/{p.name}") for p, split in zip(smallest, ["train", "train", "validation"])]
+  rows = [("Composer", "Title", split, f"{split}/{p.name}")
+          for p, split in zip(smallest, ["train", "train", "validation"])]
   root = maestro_root(tmp_path / "maestro", rows, {row[3]: path for row, path in zip(rows, smallest)})
   manifest = prepare_quietly([root], tmp_path / "out", workers=2)
   assert manifest["cache"] == {"hits": 0, "parsed": 3}
   assert [entry["files"] for entry in manifest["splits"].values()] == [2, 1]
   assert_store_matches_files(tmp_path / "out", manifest)
+
+
+def karaoke_file(path: Path) -> None:
+  """A karaoke (.kar) file as mido writes one: a type-1 MIDI file whose first tracks hold the karaoke marker
+  and the lyrics as text events, then a track of notes."""
+  import mido
+
+  lyrics = [mido.MetaMessage("text", text=syllable, time=240) for syllable in ("\\Twin", "kle ", "twin")]
+  words = mido.MidiTrack([mido.MetaMessage("text", text="@KMIDI KARAOKE FILE"), *lyrics])
+  notes = mido.MidiTrack()
+  for i, pitch in enumerate((60, 60, 67, 67)):
+    notes.append(mido.Message("note_on", note=pitch, velocity=70, time=0 if i == 0 else 120))
+    notes.append(mido.Message("note_off", note=pitch, velocity=0, time=240))
+  mido.MidiFile(type=1, ticks_per_beat=480, tracks=[words, notes]).save(path)
+
+
+def test_karaoke_and_rmid_files_are_read(tmp_path):
+  from tests.test_reliability import rmid
+
+  (tmp_path / "src").mkdir()
+  karaoke_file(tmp_path / "src" / "song.KAR")
+  (tmp_path / "src" / "windows.rmi").write_bytes(rmid(tune(3)))
+  manifest = prepare_quietly([tmp_path / "src"], tmp_path / "out", val_fraction=0.0)
+  assert sorted(Path(p).name for p in manifest["splits"]["train"]["pieces"]) == ["song.KAR", "windows.rmi"]
+  assert_store_matches_files(tmp_path / "out", manifest)
+  assert store.open_split(tmp_path / "out", "train").piece(0).pitch.tolist() == [60, 60, 60, 60, 67, 67, 67, 67]

@@ -252,8 +252,8 @@ def test_reader_process_killed_mid_file_costs_that_file_only(tmp_path):
 
 # Files to mutate: plain, RIFF-wrapped, running status and pedal, a conductor track, a sysex, another division.
 SEEDS = [TUNE, rmid(TUNE), smf(RUNNING_STATUS),
-         smf(track(tempo(400000), (0, meta(0x03, b"name"))), track(*melody([30, 90], channel=2), (5, b"\xf0\x02\x01\xf7")),
-             division=96)]
+         smf(track(tempo(400000), (0, meta(0x03, b"name"))),
+             track(*melody([30, 90], channel=2), (5, b"\xf0\x02\x01\xf7")), division=96)]
 MUTATION = st.tuples(st.sampled_from(["set", "insert", "delete"]), st.integers(0, 10**6), st.integers(0, 255))
 
 

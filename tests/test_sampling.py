@@ -73,8 +73,8 @@ def primer_file(tmp_path_factory):
 def draws(logits, count=4000, **kwargs):
   """`count` pitches sampled from the same logits [V], each with its own key."""
   keys = sampling.sequence_keys(0, 0, count)
-  return np.asarray(sampling.sample_pitch(keys, jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (count, len(logits))),
-                                          settings(**kwargs)))
+  rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (count, len(logits)))
+  return np.asarray(sampling.sample_pitch(keys, rows, settings(**kwargs)))
 
 
 PROBS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))

@@ -166,7 +166,8 @@ def test_shuffled_pitches_score_worse_on_transitions(request, source):
   reference_features = stats.feature_matrices(reference)
   real_scores = stats.compare(stats.feature_matrices(real), reference_features)
   shuffled_scores = stats.compare(stats.feature_matrices(shuffled), reference_features)
-  assert shuffled_scores["pitch_class_transitions"]["overlap"] < real_scores["pitch_class_transitions"]["overlap"] - 0.05
+  transitions = "pitch_class_transitions"
+  assert shuffled_scores[transitions]["overlap"] < real_scores[transitions]["overlap"] - 0.05
   assert shuffled_scores["pitch_class_transitions"]["kl"] > real_scores["pitch_class_transitions"]["kl"]
   assert shuffled_scores["pitch_class_histogram"]["overlap"] == pytest.approx(
       real_scores["pitch_class_histogram"]["overlap"], abs=1e-3)

@@ -87,7 +87,7 @@ def test_execution_steps_divide_every_cadence_of_the_loop(corpus):
   assert steps.execution_steps(tiny(corpus, "train.steps=13").train) == 1
   assert steps.execution_steps(tiny(corpus, "train.steps=40", "train.steps_per_execution=1").train) == 1
   with pytest.raises(UserError, match="steps_per_execution"):
-    steps.execution_steps(tiny(corpus, "train.steps_per_execution=0").train)
+    steps.Trainer(tiny(corpus, "train.steps_per_execution=0"))
 
 
 def test_several_steps_per_execution_equal_as_many_single_steps(corpus):
@@ -268,3 +268,42 @@ def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   assert len(float32) == 9, float32
   for pair in float32:
     assert all(t.endswith("xf32") for t in pair) and any(output_width in t.split("x")[:-1] for t in pair), pair
+
+
+def test_the_bar_counts_steps_and_its_eta_leaves_out_the_first_compile(capsys):
+  import time
+
+  bar = train.progress_bar(100, 50, True)
+  assert bar.desc == "training steps (compiling)" and bar.unit == "step" and bar.n == 50
+  time.sleep(0.6)  # The first execution: compiling it takes far longer than a step.
+  train.restart_clock(bar, 60)
+  bar.update(10)
+  info = bar.format_dict
+  assert bar.desc == "training steps" and (info["n"], info["initial"], info["total"]) == (70, 60, 100)
+  assert info["elapsed"] < 0.6  # The ETA, (total - n) * elapsed / (n - initial), counts this session's steps only.
+  bar.close()
+
+
+def test_continuing_a_finished_run_with_more_steps_follows_the_schedule_of_the_new_total(corpus, tmp_path):
+  """The schedule is a function of the step and train.steps: a finished run (whose cosine reached zero)
+  continued to a larger train.steps resumes at its step on the cosine of the new total."""
+  from musicgen_jax import optimizers
+
+  first = tiny(corpus, "train.steps=20", "train.optimizers.pitch.warmup_steps=0")
+  train.train_and_evaluate(first, tmp_path, progress=False)
+  longer = apply_overrides(read_config(tmp_path), ["train.steps=40"])
+  train.train_and_evaluate(longer, tmp_path, progress=False)
+  logged = {m["step"]: m["train/learning_rate_pitch"] for m in map(json.loads, (tmp_path / "metrics.jsonl").open())
+            if "train/learning_rate_pitch" in m}
+  new, old = optimizers.schedules(longer)["pitch"], optimizers.schedules(first)["pitch"]
+  assert logged[20] == pytest.approx(float(old(20)), abs=1e-9) == 0.0
+  assert logged[30] == pytest.approx(float(new(30))) and float(new(30)) == pytest.approx(0.5 * 3e-3 * (1 + np.cos(
+      np.pi * 30 / 40)))
+  assert read_config(tmp_path).train.steps == 40
+
+
+def test_a_start_refused_by_the_devices_creates_no_run_folder(corpus, tmp_path):
+  with pytest.raises(UserError, match="devices are visible"):
+    train.train_and_evaluate(tiny(corpus, f"mesh.data={jax.device_count() + 1}", "train.batch_size=32"),
+                             tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()

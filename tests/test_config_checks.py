@@ -1,0 +1,90 @@
+"""The validation pass: a rule for every key of every bundled config, each bad value one line naming the key,
+the value and what is allowed, rules for absent keys skipped."""
+
+import ml_collections
+import pytest
+
+from musicgen_jax import config_checks
+from musicgen_jax.config import CONFIGS_DIR, apply_overrides, load_config
+from musicgen_jax.errors import UserError
+
+BUNDLED = sorted(path.stem for path in CONFIGS_DIR.glob("*.py") if not path.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_every_key_of_every_bundled_config_has_a_rule_and_passes_it(name):
+  config = load_config(name)
+  keys = [key for key, _ in config_checks.leaves(config)]
+  assert keys and not [key for key in keys if key not in config_checks.RULES]
+  assert config_checks.problems(config) == []
+
+
+def with_key(config: ml_collections.ConfigDict, key: str, value) -> ml_collections.ConfigDict:
+  """A copy of `config` with one key added or changed, as a config file of another branch would have it."""
+  tree = config.to_dict()
+  node = tree
+  *groups, leaf = key.split(".")
+  for group in groups:
+    node = node[group]
+  node[leaf] = value
+  return ml_collections.ConfigDict(tree)
+
+
+@pytest.mark.parametrize("key, good, bad", [
+    ("model.recurrence", "cudnn", "fast"),
+    ("model.heads", "distribution", "mixture"),
+])
+def test_rules_for_keys_other_branches_add_apply_only_where_the_key_is(key, good, bad):
+  config = load_config("tiny")
+  assert config_checks.value_at(config, key) is config_checks.MISSING and not config_checks.problems(config)
+  assert not config_checks.problems(with_key(config, key, good))
+  assert config_checks.problems(with_key(config, key, bad)) == [
+      f"bad config value {key}={bad!r}: it must be one of "
+      + ", ".join(repr(name) for name in config_checks.RULES[key].names)]
+
+
+@pytest.mark.parametrize("override, line", [
+    ("model.hidden=-5", "bad config value model.hidden=-5: it must be a whole number of at least 1"),
+    ("train.batch_size=0", "bad config value train.batch_size=0: it must be a whole number of at least 1"),
+    ("model.dropout=1.5", "bad config value model.dropout=1.5: it must be a number in [0, 1)"),
+    ("train.optimizers.pitch.name=adamx",
+     "bad config value train.optimizers.pitch.name='adamx': it must be one of 'adam', 'adamw', 'sgd'"),
+    ("train.optimizers.pitch.decay=linear",
+     "bad config value train.optimizers.pitch.decay='linear': it must be one of 'constant', 'cosine', 'exponential'"),
+    ("train.predict_last=33",
+     "bad config value train.predict_last=33: it must be a whole number from 0 to data.window (32)"),
+    ("mesh.data=3", "bad config value train.batch_size=16: it must be a whole number of at least 1, a multiple of "
+                    "mesh.data (3)"),
+    ("sample.release_threshold=200",
+     "bad config value sample.release_threshold=200: it must be unset (None) or a number from 0 to 127"),
+    ("train.optimizers.velocity.decay_rate=0.0",
+     "bad config value train.optimizers.velocity.decay_rate=0.0: it must be a number in (0, 1]"),
+    ("model.head_divisors=(2, 80)",
+     "bad config value model.head_divisors=(2, 80): it must be a tuple of whole numbers from 1 to model.hidden (64)"),
+])
+def test_a_bad_value_is_one_line_naming_the_key_the_value_and_what_is_allowed(override, line):
+  assert config_checks.problems(apply_overrides(load_config("tiny"), [override])) == [line]
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model.hidden", 5.5), ("model.hidden", True), ("model.dropout", "0.1"), ("mesh.distributed", 1),
+    ("data.dir", 3), ("model.dropout", float("nan")), ("sample.max_dt", float("inf")), ("model.head_divisors", 2),
+    ("model.inputs", None),
+])
+def test_a_value_of_the_wrong_type_is_refused(key, value):
+  (line,) = config_checks.problems(with_key(load_config("tiny"), key, value))
+  assert line.startswith(f"bad config value {key}={value!r}: it must be")
+
+
+def test_an_unknown_key_is_refused_and_every_problem_is_its_own_line():
+  config = with_key(apply_overrides(load_config("tiny"), ["model.hidden=0"]), "model.hiden", 3)
+  with pytest.raises(UserError) as error:
+    config_checks.check(config)
+  assert str(error.value).splitlines() == [
+      "bad config value model.hidden=0: it must be a whole number of at least 1",
+      "unknown config key model.hiden: remove it, or see `musicgen config` for the keys"]
+
+
+def test_bounds_that_name_a_setting_follow_its_value():
+  assert not config_checks.problems(apply_overrides(load_config("tiny"), ["data.window=64", "train.predict_last=64"]))
+  assert not config_checks.problems(apply_overrides(load_config("tiny"), ["mesh.data=4"]))
