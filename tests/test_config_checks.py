@@ -20,7 +20,7 @@ def test_every_key_of_every_bundled_config_has_a_rule_and_passes_it(name):
 
 
 def with_key(config: ml_collections.ConfigDict, key: str, value) -> ml_collections.ConfigDict:
-  """A copy of `config` with one key added or changed, as a config file of another branch would have it."""
+  """A copy of `config` with one key added or changed past the override's type checks."""
   tree = config.to_dict()
   node = tree
   *groups, leaf = key.split(".")
@@ -30,17 +30,31 @@ def with_key(config: ml_collections.ConfigDict, key: str, value) -> ml_collectio
   return ml_collections.ConfigDict(tree)
 
 
-@pytest.mark.parametrize("key, good, bad", [
-    ("model.recurrence", "cudnn", "fast"),
-    ("model.heads", "distribution", "mixture"),
+def without_key(config: ml_collections.ConfigDict, key: str) -> ml_collections.ConfigDict:
+  """A copy of `config` without one key, as a config.json saved before the key existed has it."""
+  tree = config.to_dict()
+  *groups, leaf = key.split(".")
+  node = tree
+  for group in groups:
+    node = node[group]
+  del node[leaf]
+  return ml_collections.ConfigDict(tree)
+
+
+@pytest.mark.parametrize("key, good, bad, allowed", [
+    ("model.recurrence", "cudnn", "fast", "one of 'auto', 'scan', 'fused', 'cudnn'"),
+    ("model.heads", "regression", "mixture", "one of 'regression', 'distribution'"),
+    ("model.order", ("time", "pitch", "velocity"), ("pitch", "time"),
+     "a tuple naming each of 'pitch', 'velocity', 'time' once"),
+    ("model.dt_max", 0.5, 0.01, "a number in (model.dt_bin (0.01), 60.0]"),
 ])
-def test_rules_for_keys_other_branches_add_apply_only_where_the_key_is(key, good, bad):
+def test_rules_of_the_newer_keys_and_configs_saved_before_them(key, good, bad, allowed):
   config = load_config("tiny")
-  assert config_checks.value_at(config, key) is config_checks.MISSING and not config_checks.problems(config)
-  assert not config_checks.problems(with_key(config, key, good))
-  assert config_checks.problems(with_key(config, key, bad)) == [
-      f"bad config value {key}={bad!r}: it must be one of "
-      + ", ".join(repr(name) for name in config_checks.RULES[key].names)]
+  assert not config_checks.problems(without_key(config, key))
+  text = lambda value: value if isinstance(value, str) else repr(value)
+  assert not config_checks.problems(apply_overrides(config, [f"{key}={text(good)}"]))
+  assert config_checks.problems(apply_overrides(config, [f"{key}={text(bad)}"])) == [
+      f"bad config value {key}={bad!r}: it must be {allowed}"]
 
 
 @pytest.mark.parametrize("override, line", [
