@@ -62,9 +62,9 @@ def run_demo(home: str | os.PathLike | None = None, *, steps: int = 3000, num_fi
       f"The trained run is {run} (config.json, checkpoints/, metrics.jsonl, TensorBoard logs in tensorboard/).",
       "Try next:",
       f"  musicgen generate --workdir {run} --out {generated} --num 16 --seconds 30 --overwrite",
-      f"  musicgen stats {generated} --reference {data_dir}     # how the samples compare with the chorales",
-      f"  musicgen plot {run}                                    # training curves",
-      f"  musicgen evaluate --workdir {run} --data {data_dir}     # NLL per event, bits per note",
-      "  musicgen prepare /path/to/maestro-v3.0.0 --out data/maestro   # then train configs/default.py on it",
+      f"  musicgen stats {generated} --reference {data_dir}  (how the samples compare with the chorales)",
+      f"  musicgen evaluate --workdir {run} --data {data_dir}  (NLL per event and bits per note)",
+      f"  musicgen plot {run}  (training curves)",
+      "  musicgen prepare /path/to/maestro-v3.0.0 --out data/maestro  (then train configs/default.py on it)",
   ]))
   return files
