@@ -35,7 +35,7 @@ def check_options(*, num: int, length: int | None, seconds: float | None, batch_
   """Raises a UserError naming the first option out of range."""
   if length is not None and seconds is not None:
     raise UserError("give the length of the files in events (--length) or in seconds (--seconds), not both")
-  for name, value in (("num", num), ("length", length or 1), ("batch size", batch_size)):
+  for name, value in (("num", num), ("length", 1 if length is None else length), ("batch size", batch_size)):
     if value < 1:
       raise UserError(f"the {name} must be at least 1, not {value}")
   if seconds is not None and not 0.0 < seconds < float("inf"):

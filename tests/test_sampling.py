@@ -322,6 +322,11 @@ def test_primer_opens_the_file_only_when_kept(run_dir, primer_file, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"num": 0}, "num"),
     ({"length": -1}, "length"),
+    ({"length": 0}, "length"),
+    ({"length": 8, "seconds": 5.0}, "not both"),
+    ({"length": None, "seconds": 0.0}, "--seconds"),
+    ({"time_temperature": 0.0}, "time temperature"),
+    ({"velocity_temperature": -1.0}, "velocity temperature"),
     ({"batch_size": 0}, "batch size"),
     ({"temperature": 0.0}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
