@@ -51,15 +51,20 @@ def fill(folder: Path) -> None:
 
 
 def break_disk_after_first_checkpoint(checkpoints: Path, how: str):
-  """A `stop` hook for training: once checkpoint 20 is in place, fills or write-protects its folder (at the
-  first call after step 20: the hook is called once per execution of several steps)."""
+  """A `stop` hook for training: once checkpoint 20 is complete, fills or write-protects its folder (at the
+  first call after step 20: the hook is called once per execution of several steps). Complete means orbax's
+  last files are in it and no temporary folder is left: the folder alone appears before its metadata."""
   broken = []
+
+  def complete() -> bool:
+    written = all((checkpoints / "20" / name).is_file() for name in ("_CHECKPOINT_METADATA", "commit_success.txt"))
+    return written and not any("tmp" in entry.name for entry in checkpoints.iterdir())
 
   def stop(step: int) -> bool:
     if step > 20 and not broken:
       broken.append(step)
       deadline = time.time() + 60
-      while not (checkpoints / "20").is_dir() and time.time() < deadline:
+      while not complete() and time.time() < deadline:
         time.sleep(0.05)
       if how == "full":
         fill(checkpoints)
