@@ -145,28 +145,44 @@ class LSTMLayer(nnx.Module):
     return self.input_proj.kernel.value, self.recurrent_kernel.value, self.input_proj.bias.value
 
 
+def sounding_pitches(pitch: jax.Array, velocity: jax.Array, before: jax.Array | None = None) -> jax.Array:
+  """Which pitches sound [B, T, 128] after each event of streams [B, T], given those sounding before the
+  first (`before` [B, 128], default none): a pitch's latest event decides, an onset or a release."""
+  positions = jnp.arange(pitch.shape[1])[None, :, None]
+  latest = jax.lax.cummax(jnp.where(pitch[..., None] == jnp.arange(NUM_PITCHES), positions, -1), axis=1)
+  onset = jnp.take_along_axis(velocity > 0, jnp.maximum(latest, 0).reshape(pitch.shape[0], -1), axis=1)
+  before = jnp.zeros((pitch.shape[0], NUM_PITCHES), bool) if before is None else before
+  return jnp.where(latest >= 0, onset.reshape(latest.shape), before[:, None, :])
+
+
 class Head(nnx.Module):
   """FC + Dropout + ReLU, FC + Dropout + ReLU, then FC to `out_features`: one head of the original.
 
   A head may read sub-events of the same event besides the features (`condition_classes`, the class
   count of each): each adds a learned row to the first layer's pre-activation, as a one-hot input would.
+  With `reads_sounding` it also reads which pitches sound, through a projection into the same layer.
   """
 
   def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
-               dtype: Any, param_dtype: Any, rngs: nnx.Rngs, condition_classes: tuple[int, ...] = ()):
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs, condition_classes: tuple[int, ...] = (),
+               reads_sounding: bool = False):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
         nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.conditions = nnx.List([nnx.Embed(count, widths[0], dtype=dtype, param_dtype=param_dtype,
                                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
                                 for count in condition_classes])
+    self.sounding = (nnx.Linear(NUM_PITCHES, widths[0], use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs) if reads_sounding else None)
     # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
     # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
     self.out = nnx.Linear(sizes[-1], out_features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     self.dropout_rate = dropout
 
-  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = ()) -> jax.Array:
-    """Applies the head to `x` [..., features] and the class ids `conditions` (each shaped [...]). All leading
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = (),
+               sounding: jax.Array | None = None) -> jax.Array:
+    """Applies the head to `x` [..., features], the class ids `conditions` (each shaped [...]) and, where it
+    reads them, the sounding pitches `sounding` [..., 128]. All leading
     axes are folded into one first: with a single row axis the weight gradients are plain matmuls, where
     with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward pass
     took twice as long on CPU)."""
@@ -178,6 +194,9 @@ class Head(nnx.Module):
       if depth == 0:
         for table, ids in zip(self.conditions, conditions):
           x = x + table(ids.reshape(-1))
+        if self.sounding is not None:
+          x = x + dense(sounding.reshape(-1, NUM_PITCHES).astype(layer.dtype),
+                        self.sounding.kernel.value.astype(layer.dtype))
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
@@ -215,6 +234,8 @@ class MusicLSTM(nnx.Module):
         for i in range(config.layers)])
     widths = tuple(config.hidden // d for d in config.head_divisors)
     regression = config.heads == "regression"
+    # Distribution heads read which pitches sound, where the inputs tell onsets from releases.
+    reads_sounding = not regression and config.inputs == "pitch+dt+velocity"
     self.order = ("pitch", "time", "velocity") if regression else tuple(config.order)
     if sorted(self.order) != sorted(distributions.SUB_EVENTS):
       raise ValueError(f"model.order must name each of {distributions.SUB_EVENTS} once, not {config.order!r}")
@@ -225,7 +246,7 @@ class MusicLSTM(nnx.Module):
       before = () if regression else self.order[:self.order.index(name)]
       return Head(config.hidden, widths, 1 if regression and name != "pitch" else class_counts[name],
                   dropout=config.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                  condition_classes=tuple(class_counts[b] for b in before))
+                  condition_classes=tuple(class_counts[b] for b in before), reads_sounding=reads_sounding)
 
     self.pitch_head = head("pitch")
     self.time_head = head("time")
@@ -260,17 +281,23 @@ class MusicLSTM(nnx.Module):
                                     [layer.weights() for layer in self.lstm])
     return jnp.swapaxes(outputs, 0, 1), tuple(LSTMState(*layer_final) for layer_final in zip(h, c))
 
-  def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array], *, isolate_heads: bool,
-                  rngs: nnx.Rngs | None) -> jax.Array:
-    """The output of sub-event `name`'s head from the features [..., hidden] and the classes [...] of the
-    sub-events before it in `self.order` (`before` may hold more; only those are read)."""
+  def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array],
+                  sounding: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    """The output of sub-event `name`'s head from the features [..., hidden], the classes [...] of the
+    sub-events before it in `self.order` (`before` may hold more; only those are read) and, for heads
+    that read them, the pitches sounding [..., 128] after the input event."""
     head = {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}[name]
     x = jax.lax.stop_gradient(features) if isolate_heads and name != "pitch" else features
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
-    return head(x, rngs=rngs, conditions=conditions)
+    return head(x, rngs=rngs, conditions=conditions, sounding=sounding)
 
-  def heads(self, features: jax.Array, targets: Mapping[str, jax.Array] | None = None, *, isolate_heads: bool,
-            rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
+  @property
+  def reads_sounding(self) -> bool:
+    """Whether the heads read which pitches sound (distribution heads over velocity-reading inputs)."""
+    return self.pitch_head.sounding is not None
+
+  def heads(self, features: jax.Array, targets: Mapping[str, jax.Array] | None = None,
+            sounding: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
     """The heads' outputs at every position of `features`: `pitch_logits` and, in regression mode, `dt`
     (seconds) and `velocity` (/127), in distribution mode `time_logits` and `velocity_logits`, each head
     reading the `targets` classes (time-major, like the features) before it."""
@@ -282,18 +309,24 @@ class MusicLSTM(nnx.Module):
     if targets is None:
       raise ValueError("distribution heads need the targets to read: pass targets, or draw with sampling")
     before = distributions.classes(targets, self.time_bins)
-    return {f"{name}_logits": self.head_logits(name, features, before, isolate_heads=isolate_heads, rngs=rngs)
+    return {f"{name}_logits": self.head_logits(name, features, before, sounding, isolate_heads=isolate_heads,
+                                               rngs=rngs)
             for name in self.order}
 
   def __call__(self, inputs: Mapping[str, jax.Array], state: tuple[LSTMState, ...] | None = None, *,
-               targets: Mapping[str, jax.Array] | None = None, isolate_heads: bool = True,
-               rngs: nnx.Rngs | None = None) -> tuple[dict[str, jax.Array], tuple[LSTMState, ...]]:
+               targets: Mapping[str, jax.Array] | None = None, sounding: jax.Array | None = None,
+               isolate_heads: bool = True, rngs: nnx.Rngs | None = None
+               ) -> tuple[dict[str, jax.Array], tuple[LSTMState, ...]]:
     """Predicts the next event at every position of `inputs` [batch, time]; dropout only with `rngs`.
-    Distribution heads read the next events `targets` [batch, time] (teacher forcing)."""
+    Distribution heads read the next events `targets` [batch, time] (teacher forcing) and, where
+    `reads_sounding`, the pitches sounding after each input, from those sounding before the first
+    (`sounding` [batch, 128], default none: a window of a piece's middle starts with notes held)."""
     if state is None:
       state = self.initial_state(inputs["pitch"].shape[0])
     features, final = self.features(inputs, state)
     if targets is not None:
       targets = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(targets))
-    outputs = self.heads(features, targets, isolate_heads=isolate_heads, rngs=rngs)
+    if self.reads_sounding:
+      sounding = jnp.swapaxes(sounding_pitches(inputs["pitch"], inputs["velocity"], sounding), 0, 1)
+    outputs = self.heads(features, targets, sounding, isolate_heads=isolate_heads, rngs=rngs)
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs), final

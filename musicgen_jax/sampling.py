@@ -160,7 +160,8 @@ def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, se
   temperatures = {"time": settings.time_temperature, "velocity": settings.velocity_temperature}
   drawn = {}
   for i, name in enumerate(model.order):
-    logits = model.head_logits(name, features, drawn, isolate_heads=False, rngs=None)
+    logits = model.head_logits(name, features, drawn, sounding if model.reads_sounding else None,
+                               isolate_heads=False, rngs=None)
     logits = jnp.where(allowed_classes(name, drawn, sounding, logits.shape[-1]), logits, -jnp.inf)
     if name == "pitch":
       drawn[name] = sample_pitch(sub_keys[:, i], logits, settings)
@@ -179,14 +180,7 @@ def update_sounding(sounding: jax.Array, event: Event) -> jax.Array:
 
 def sounding_after(events: Event) -> jax.Array:
   """Which pitches sound [B, 128] at the end of event streams [B, T] that start in silence."""
-  batch = events["pitch"].shape[0]
-
-  def step(sounding: jax.Array, event: Event) -> tuple[jax.Array, None]:
-    return update_sounding(sounding, event), None
-
-  sounding, _ = jax.lax.scan(step, jnp.zeros((batch, models.NUM_PITCHES), bool),
-                             jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), events))
-  return sounding
+  return models.sounding_pitches(events["pitch"], events["velocity"])[:, -1]
 
 
 def step_keys(keys: jax.Array, step: jax.Array | int) -> jax.Array:

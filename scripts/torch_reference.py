@@ -27,7 +27,7 @@ def synthetic_batch(batch_size: int, window: int, seed: int = 0) -> dict:
             "dt": rng.exponential(0.1, (batch_size, window)).astype(np.float32),
             "velocity": rng.integers(0, 128, (batch_size, window)).astype(np.float32)}
 
-  return {"inputs": events(), "targets": events()}
+  return {"inputs": events(), "targets": events(), "sounding": rng.random((batch_size, 128)) < 0.05}
 
 
 class TorchStep:

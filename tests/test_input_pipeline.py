@@ -62,7 +62,9 @@ def assert_batches_equal(a, b):
 
 def test_batch_layout(data_dir):
   batch = next(input_pipeline.train_iterator(make_config(), data_dir))
-  assert set(batch) == {"inputs", "targets"}
+  assert set(batch) == {"inputs", "targets", "sounding"}
+  sounding = batch.pop("sounding")
+  assert (sounding.shape, sounding.dtype, sounding.flags.c_contiguous) == ((BATCH, 128), np.bool_, True)
   for part in batch.values():
     assert {k: (v.shape, v.dtype) for k, v in part.items()} == {
         "pitch": ((BATCH, WINDOW), np.int32), "dt": ((BATCH, WINDOW), np.float32),
@@ -76,6 +78,53 @@ def test_targets_are_inputs_shifted_by_one(data_dir, augmented):
   for batch in take(input_pipeline.train_iterator(config, data_dir), 5):
     for field in store.FIELDS:
       np.testing.assert_array_equal(batch["inputs"][field][:, 1:], batch["targets"][field][:, :-1])
+
+
+def sounding_by_scan(events: store.Events, offsets: np.ndarray, start: int) -> np.ndarray:
+  """The pitches sounding just before global position `start`, by replaying its piece from the beginning."""
+  sounding = np.zeros(128, bool)
+  for i in range(offsets[np.searchsorted(offsets, start, side="right") - 1], start):
+    sounding[events.pitch[i]] = events.velocity[i] > 0
+  return sounding
+
+
+def test_the_pitches_sounding_before_any_position_are_those_its_piece_holds(data_dir):
+  """At every position of a split, piece boundaries included (a note left sounding at the end of a piece
+  does not sound at the start of the next)."""
+  split = store.open_split(data_dir, "train")
+  offsets = np.asarray(split.offsets)
+  starts = np.arange(len(split.events))
+  found = input_pipeline.sounding_before(split.events, offsets, input_pipeline.PitchIndex.of(split.events.pitch),
+                                         starts)
+  expected = np.stack([sounding_by_scan(split.events, offsets, start) for start in starts])
+  np.testing.assert_array_equal(found, expected)
+  assert expected.sum(axis=1).max() >= 5 and not expected[offsets[:-1]].any()
+
+
+def test_evaluation_windows_carry_the_pitches_sounding_before_them(data_dir):
+  config = no_augmentation()
+  split = store.open_split(data_dir, "validation")
+  offsets = np.asarray(split.offsets)
+  starts = input_pipeline.evenly_spaced_starts(offsets, WINDOW, config.data.eval_windows)
+  sounding = np.concatenate([b["sounding"] for b in input_pipeline.eval_batches(config, data_dir)])
+  expected = np.stack([sounding_by_scan(split.events, offsets, start) for start in starts])
+  np.testing.assert_array_equal(sounding[:len(starts)], expected)
+  assert expected.any() and not sounding[len(starts):].any()
+
+
+def test_transposition_moves_the_sounding_pitches_with_the_window():
+  rng = np.random.default_rng(0)
+  pitch = rng.integers(10, 118, (300, WINDOW))
+  sounding = rng.random((300, 128)) < 0.2
+  shifted_pitch, shifted = input_pipeline.transpose(pitch, sounding, rng, 12)
+  shifts = shifted_pitch[:, 0] - pitch[:, 0]
+  assert set(shifts) == set(range(-12, 13))
+  for row, shift in enumerate(shifts):
+    np.testing.assert_array_equal(shifted_pitch[row], pitch[row] + shift)
+    expected = np.zeros(128, bool)
+    kept = np.flatnonzero(sounding[row]) + shift
+    expected[kept[(kept >= 0) & (kept <= 127)]] = True
+    np.testing.assert_array_equal(shifted[row], expected)
 
 
 def constant_piece(length, pitch, tag):

@@ -117,14 +117,57 @@ def test_pitch_only_model_ignores_dt_and_velocity():
 
 
 def test_state_carries_across_calls_like_one_long_call():
+  """The LSTM state and the pitches sounding at the end of the first call continue into the second."""
   model = tiny_model()
+  assert model.reads_sounding
   x = random_inputs(2, 10)
   targets = jax.tree.map(lambda t: t[:2, :10], TARGETS)
-  whole, _ = model(x, targets=targets)
-  first, state = model(jax.tree.map(lambda a: a[:, :4], x), targets=jax.tree.map(lambda a: a[:, :4], targets))
-  second, _ = model(jax.tree.map(lambda a: a[:, 4:], x), state, targets=jax.tree.map(lambda a: a[:, 4:], targets))
-  np.testing.assert_allclose(jnp.concatenate([first["pitch_logits"], second["pitch_logits"]], 1),
-                             whole["pitch_logits"], atol=1e-5)
+  held = jnp.zeros((2, 128), bool).at[:, 100].set(True)
+  whole, _ = model(x, targets=targets, sounding=held)
+  first, state = model(jax.tree.map(lambda a: a[:, :4], x), targets=jax.tree.map(lambda a: a[:, :4], targets),
+                       sounding=held)
+  after_first = models.sounding_pitches(x["pitch"][:, :4], x["velocity"][:, :4], held)[:, -1]
+  second, _ = model(jax.tree.map(lambda a: a[:, 4:], x), state, targets=jax.tree.map(lambda a: a[:, 4:], targets),
+                    sounding=after_first)
+  for key in whole:
+    np.testing.assert_allclose(jnp.concatenate([first[key], second[key]], 1), whole[key], atol=1e-5)
+
+
+def test_sounding_pitches_follow_each_pitch_latest_event():
+  x = random_inputs(3, 40, seed=2)
+  pitch = x["pitch"] % 8  # Few pitches, so that each is struck and released many times.
+  velocity = x["velocity"] * (np.random.default_rng(3).random((3, 40)) < 0.5)
+  before = np.random.default_rng(4).random((3, 128)) < 0.3
+  sounding = np.asarray(models.sounding_pitches(pitch, velocity, before))
+  expected = before.copy()
+  for t in range(40):
+    expected[np.arange(3), np.asarray(pitch[:, t])] = np.asarray(velocity[:, t]) > 0
+    np.testing.assert_array_equal(sounding[:, t], expected)
+  np.testing.assert_array_equal(sounding[:, :, 8:], np.broadcast_to(before[:, None, 8:], (3, 40, 120)))
+  assert not np.asarray(models.sounding_pitches(pitch, velocity))[:, :, 8:].any()
+
+
+def test_distribution_heads_read_the_sounding_pitches():
+  model = tiny_model()
+  features = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64)), jnp.float32)
+  before = {"pitch": jnp.full((4,), 60), "velocity": jnp.full((4,), 80), "time": jnp.full((4,), 3)}
+  silent, sounding = jnp.zeros((4, 128), bool), jnp.zeros((4, 128), bool).at[:, 60].set(True)
+  for name in model.order:
+    logits = [model.head_logits(name, features, before, s, isolate_heads=False, rngs=None) for s in (silent, sounding)]
+    assert not np.allclose(*logits), name
+
+
+def test_the_window_starts_with_the_pitches_sounding_before_it():
+  """A note held into the window changes the distribution heads' outputs; the regression heads read none."""
+  x = random_inputs(2, 6)
+  held = jnp.zeros((2, 128), bool).at[:, 30].set(True)
+  for heads, reads in (("distribution", True), ("regression", False)):
+    model = tiny_model(f"model.heads={heads}")
+    assert model.reads_sounding == reads
+    targets = jax.tree.map(lambda t: t[:2, :6], TARGETS)
+    silent, _ = model(x, targets=targets)
+    sounding, _ = model(x, targets=targets, sounding=held)
+    assert all(np.allclose(silent[key], sounding[key]) != reads for key in silent), heads
 
 
 def test_dropout_only_with_rngs():

@@ -19,7 +19,8 @@ def tiny_config(*overrides: str):
 
 def random_batch(config, seed: int = 0) -> dict:
   b, t = config.train.batch_size, config.data.window
-  return {"inputs": random_inputs(b, t, seed), "targets": random_inputs(b, t, seed + 1)}
+  sounding = np.random.default_rng(seed).random((b, 128)) < 0.1
+  return {"inputs": random_inputs(b, t, seed), "targets": random_inputs(b, t, seed + 1), "sounding": sounding}
 
 
 def side_loss_grads(isolation: str, heads: str) -> nnx.State:
@@ -30,7 +31,8 @@ def side_loss_grads(isolation: str, heads: str) -> nnx.State:
 
   def side_loss(params):
     model = nnx.merge(graphdef, params)
-    outputs, _ = model(batch["inputs"], targets=batch["targets"], isolate_heads=isolation == "strict")
+    outputs, _ = model(batch["inputs"], targets=batch["targets"], sounding=batch["sounding"],
+                       isolate_heads=isolation == "strict")
     sums = losses.event_sums(outputs, batch["targets"], jnp.ones(config.data.window), model.time_bins)
     head_losses = losses.losses_from_sums(sums)
     return head_losses["time"] + head_losses["velocity"]

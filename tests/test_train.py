@@ -260,7 +260,8 @@ def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   rows = (config.train.batch_size, config.data.window)
   events = {"pitch": np.zeros(rows, np.int32), "dt": np.zeros(rows, np.float32), "velocity": np.zeros(rows, np.float32)}
   hlo = trainer.train_step.lower(trainer.initial_state, trainer.zero_metrics(),
-                                 {"inputs": events, "targets": events}).as_text()
+                                 {"inputs": events, "targets": events,
+                                  "sounding": np.zeros((rows[0], 128), bool)}).as_text()
   operands = re.findall(r"stablehlo\.dot_general [^\n]*: \(tensor<([^>]*)>, tensor<([^>]*)>\)", hlo)
   assert len(operands) >= 30  # The LSTM layers' and the three heads' matmuls, forward and backward.
   float32 = [pair for pair in operands if not all(t.endswith("xbf16") for t in pair)]
