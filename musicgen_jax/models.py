@@ -160,7 +160,8 @@ class Head(nnx.Module):
 
   A head may read sub-events of the same event besides the features (`condition_classes`, the class
   count of each): each adds a learned row to the first layer's pre-activation, as a one-hot input would.
-  With `reads_sounding` it also reads which pitches sound, through a projection into the same layer.
+  With `reads_sounding` it also reads which pitches sound, through a projection into the same layer and
+  one straight into the output (zero at first), so that "release a sounding pitch" is one weight a pitch.
   """
 
   def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
@@ -174,6 +175,8 @@ class Head(nnx.Module):
                                 for count in condition_classes])
     self.sounding = (nnx.Linear(NUM_PITCHES, widths[0], use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs) if reads_sounding else None)
+    self.sounding_out = (nnx.Linear(NUM_PITCHES, out_features, use_bias=False, kernel_init=nnx.initializers.zeros,
+                                    dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs) if reads_sounding else None)
     # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
     # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
     self.out = nnx.Linear(sizes[-1], out_features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
@@ -188,6 +191,8 @@ class Head(nnx.Module):
     took twice as long on CPU)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
+    if self.sounding is not None:
+      sounding = sounding.reshape(-1, NUM_PITCHES)
     for depth, layer in enumerate(self.hidden):
       kernel, bias = layer.kernel.value.astype(layer.dtype), layer.bias.value.astype(layer.dtype)
       x = dense(x.astype(layer.dtype), kernel) + bias
@@ -195,12 +200,14 @@ class Head(nnx.Module):
         for table, ids in zip(self.conditions, conditions):
           x = x + table(ids.reshape(-1))
         if self.sounding is not None:
-          x = x + dense(sounding.reshape(-1, NUM_PITCHES).astype(layer.dtype),
-                        self.sounding.kernel.value.astype(layer.dtype))
+          x = x + dense(sounding.astype(layer.dtype), self.sounding.kernel.value.astype(layer.dtype))
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
-    return self.out(x).reshape(*lead, -1)
+    logits = self.out(x)
+    if self.sounding is not None:
+      logits = logits + self.sounding_out(sounding.astype(jnp.float32))
+    return logits.reshape(*lead, -1)
 
 
 class MusicLSTM(nnx.Module):

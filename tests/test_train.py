@@ -254,7 +254,7 @@ def test_loss_decreases_on_a_tiny_real_corpus(maestro, tmp_path):
 def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   """An accelerator runs a float32 matmul as several bfloat16 ones: in a bfloat16 step every matmul,
   forward and backward, reads bfloat16 operands (accumulating in float32), except the three heads'
-  output layers, which are float32 by design (forward, input gradient and kernel gradient each)."""
+  output layers and sounding skips, which are float32 by design."""
   config = apply_overrides(load_config("tiny"), ("model.dtype=bfloat16",))
   trainer = steps.Trainer(config)
   rows = (config.train.batch_size, config.data.window)
@@ -265,10 +265,12 @@ def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   operands = re.findall(r"stablehlo\.dot_general [^\n]*: \(tensor<([^>]*)>, tensor<([^>]*)>\)", hlo)
   assert len(operands) >= 30  # The LSTM layers' and the three heads' matmuls, forward and backward.
   float32 = [pair for pair in operands if not all(t.endswith("xbf16") for t in pair)]
-  output_width = str(config.model.hidden // config.model.head_divisors[-1])  # The output layers' inputs.
-  assert len(float32) == 9, float32
+  # Their inputs: the last hidden layer's outputs, or the 128 sounding pitches of the output skips.
+  output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), "128"}
+  # Per head: the output layer's forward pass and both gradients, the skip's forward pass and kernel gradient.
+  assert len(float32) == 15, float32
   for pair in float32:
-    assert all(t.endswith("xf32") for t in pair) and any(output_width in t.split("x")[:-1] for t in pair), pair
+    assert all(t.endswith("xf32") for t in pair) and any(output_inputs & set(t.split("x")[:-1]) for t in pair), pair
 
 
 def test_the_bar_counts_steps_and_its_eta_leaves_out_the_first_compile(capsys):
