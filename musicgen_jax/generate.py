@@ -96,12 +96,12 @@ def within_seconds(stream: store.Events, seconds: float | None) -> store.Events:
 
 
 def sample_batch(graphdef: Any, params: Any, state: Any, event: Any, keys: jax.Array, settings: sampling.Settings,
-                 sounding: Any, length: int | None, seconds: float | None) -> Any:
+                 held: Any, length: int | None, seconds: float | None) -> Any:
   """The events [B, T] of one batch: `length` of them, or, with `seconds`, chunks of SECONDS_CHUNK events until
   every sequence holds that much music (or MAX_EVENTS_PER_SECOND per second of it)."""
   if seconds is None:
-    return sampling.sample_compiled(graphdef, params, state, event, keys, settings, length, sounding)[0]
-  chunks, carry, music = [], (state, event, sounding), np.zeros(keys.shape[0])
+    return sampling.sample_compiled(graphdef, params, state, event, keys, settings, length, held)[0]
+  chunks, carry, music = [], (state, event, held), np.zeros(keys.shape[0])
   max_chunks = math.ceil(MAX_EVENTS_PER_SECOND * seconds / SECONDS_CHUNK)
   while music.min() < seconds and len(chunks) < max_chunks:
     chunk, carry = sampling.sample_compiled(graphdef, params, *carry[:2], keys, settings, SECONDS_CHUNK, carry[2],
@@ -176,11 +176,11 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   replicated, sharded = sampling.device_placement(batch)
   params = jax.device_put(run.params, replicated)
   state, event = jax.device_put(sampling.prime_compiled(run.graphdef, params, primer_inputs), replicated)
-  sounding = (None if primer_inputs is None
-              else jax.device_put(jax.jit(sampling.sounding_after)(primer_inputs), replicated))
+  held = (None if primer_inputs is None
+          else jax.device_put(jax.jit(sampling.held_after)(primer_inputs), replicated))
   batches = one_ahead((first, sample_batch(
       run.graphdef, params, state, event, jax.device_put(sampling.sequence_keys(seed, first, batch), sharded),
-      settings, sounding, length, seconds)) for first in range(0, num, batch))
+      settings, held, length, seconds)) for first in range(0, num, batch))
   with tqdm(total=num, unit="file", desc="generating", disable=not progress, dynamic_ncols=True) as bar:
     for first, sampled in batches:
       sampled = jax.device_get(sampled)

@@ -10,9 +10,10 @@ every call, padded to whole batches with a `mask`.
 
 Batch layout (B windows of T = `data.window` events; targets are inputs shifted by one):
   {"inputs": {"pitch": int32[B, T], "dt": float32[B, T], "velocity": float32[B, T]},
-   "targets": {same three}, "sounding": bool[B, 128]}, plus "mask": float32[B] in evaluation batches.
-"sounding" holds the pitches that sound (held by a key or the pedal) before a window's first event:
-a window cut from the middle of a piece does not start in silence.
+   "targets": {same three}, "held": float32[B, 128]}, plus "mask": float32[B] in evaluation batches.
+"held" says, at the event before a window's first, for how many seconds each pitch has sounded since its
+onset (held by a key or the pedal), and -1 for a silent pitch: a window cut from the middle of a piece
+does not start in silence.
 """
 
 from __future__ import annotations
@@ -100,61 +101,68 @@ def evenly_spaced_starts(offsets: np.ndarray, window: int, count: int) -> np.nda
   return offsets[pieces] + positions - (cumulative[pieces] - valid[pieces])
 
 
+SILENT = -1.0  # The `held` value of a pitch that does not sound.
+
+
 @dataclasses.dataclass(frozen=True)
-class PitchIndex:
-  """Where each pitch's events are in a split: pitch p's positions, in order, are
-  `positions[bounds[p]:bounds[p + 1]]`. It finds any position's sounding pitches without a scan."""
+class EventIndex:
+  """Where each pitch's events are in a split, pitch p's positions in order being
+  `positions[bounds[p]:bounds[p + 1]]`, and the time of every event since the split's first (`clock`, float64
+  seconds): it finds which pitches sound at any position, and since when, without a scan."""
 
   positions: np.ndarray
   bounds: np.ndarray
+  clock: np.ndarray
 
   @classmethod
-  def of(cls, pitch: np.ndarray) -> PitchIndex:
-    positions = np.argsort(pitch, kind="stable")
-    return cls(positions, np.searchsorted(pitch[positions], np.arange(MAX_PITCH + 2)))
+  def of(cls, events: store_lib.Events) -> EventIndex:
+    pitch = np.asarray(events.pitch)
+    positions = np.argsort(pitch, kind="stable").astype(np.int32 if len(pitch) < 2**31 else np.int64)
+    return cls(positions, np.searchsorted(pitch[positions], np.arange(MAX_PITCH + 2)),
+               np.cumsum(np.asarray(events.dt), dtype=np.float64))
 
 
-def sounding_before(events: store_lib.Events, offsets: np.ndarray, index: PitchIndex,
-                    starts: np.ndarray) -> np.ndarray:
-  """The pitches sounding [len(starts), 128] just before each global start: those whose latest event
-  earlier in the same piece is an onset."""
+def held_before(events: store_lib.Events, offsets: np.ndarray, index: EventIndex, starts: np.ndarray) -> np.ndarray:
+  """For each global start, the seconds [len(starts), 128] each pitch has sounded at the event before it
+  (SILENT where it does not sound): a pitch sounds if its latest event earlier in the same piece is an onset."""
   piece_starts = offsets[np.searchsorted(offsets, starts, side="right") - 1]
   velocity = np.asarray(events.velocity)
-  sounding = np.zeros((len(starts), MAX_PITCH + 1), bool)
+  held = np.full((len(starts), MAX_PITCH + 1), SILENT, np.float32)
   for pitch in range(MAX_PITCH + 1):
     positions = index.positions[index.bounds[pitch]:index.bounds[pitch + 1]]
     if len(positions):
       latest = positions[np.maximum(np.searchsorted(positions, starts) - 1, 0)]
-      sounding[:, pitch] = (latest < starts) & (latest >= piece_starts) & (velocity[latest] > 0)
-  return sounding
+      sounding = (latest < starts) & (latest >= piece_starts) & (velocity[latest] > 0)
+      held[sounding, pitch] = index.clock[starts[sounding] - 1] - index.clock[latest[sounding]]
+  return held
 
 
-def gather_windows(events: store_lib.Events, offsets: np.ndarray, index: PitchIndex, starts: np.ndarray,
+def gather_windows(events: store_lib.Events, offsets: np.ndarray, index: EventIndex, starts: np.ndarray,
                    length: int) -> dict[str, np.ndarray]:
-  """Copies the `length` events from each start into [len(starts), length] arrays per field, with the
-  pitches sounding before each start (`sounding`)."""
+  """Copies the `length` events from each start into [len(starts), length] arrays per field, with what is
+  held before each start (`held`)."""
   windows = {field: np.lib.stride_tricks.sliding_window_view(
       np.asarray(getattr(events, field)), length)[starts] for field in store_lib.FIELDS}
-  return {**windows, "sounding": sounding_before(events, offsets, index, starts)}
+  return {**windows, "held": held_before(events, offsets, index, starts)}
 
 
-def transpose(pitch: np.ndarray, sounding: np.ndarray, rng: np.random.Generator,
+def transpose(pitch: np.ndarray, held: np.ndarray, rng: np.random.Generator,
               max_shift: int) -> tuple[np.ndarray, np.ndarray]:
-  """Shifts each window, and the pitches sounding before it, by a whole number of semitones in ±max_shift
-  that keeps the window's events in 0-127.
+  """Shifts each window, and what is held before it, by a whole number of semitones in ±max_shift that
+  keeps the window's events in 0-127.
 
-  The shift is uniform among the allowed ones; 0 is always allowed. A pitch sounding before the window
-  that the shift takes out of 0-127 is dropped: no event of the window names it.
+  The shift is uniform among the allowed ones; 0 is always allowed. A pitch held before the window that
+  the shift takes out of 0-127 is dropped: no event of the window names it.
   """
   pitch = pitch.astype(np.int32)
   if not max_shift:
-    return pitch, sounding
+    return pitch, held
   low = np.maximum(-max_shift, -pitch.min(axis=1))
   high = np.minimum(max_shift, MAX_PITCH - pitch.max(axis=1))
   shift = rng.integers(low, high, endpoint=True)[:, None]
   source = np.arange(MAX_PITCH + 1) - shift
-  shifted = np.take_along_axis(sounding, np.clip(source, 0, MAX_PITCH), axis=1) & (source >= 0) & (source <= MAX_PITCH)
-  return pitch + shift, shifted
+  inside = (source >= 0) & (source <= MAX_PITCH)
+  return pitch + shift, np.where(inside, np.take_along_axis(held, np.clip(source, 0, MAX_PITCH), axis=1), SILENT)
 
 
 def stretch_factors(rng: np.random.Generator, amount: float, count: int) -> np.ndarray:
@@ -162,10 +170,15 @@ def stretch_factors(rng: np.random.Generator, amount: float, count: int) -> np.n
   return rng.uniform(1.0 - amount, 1.0 + amount, (count, 1)).astype(np.float32)
 
 
-def stretch_time(dt: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
-  """Scales every dt of a window by one factor: the same music played faster or slower."""
+def stretch_time(dt: np.ndarray, held: np.ndarray, rng: np.random.Generator,
+                 amount: float) -> tuple[np.ndarray, np.ndarray]:
+  """Scales every dt of a window, and how long its held pitches have sounded, by one factor: the same
+  music played faster or slower."""
   dt = dt.astype(np.float32)
-  return dt * stretch_factors(rng, amount, len(dt)) if amount else dt
+  if not amount:
+    return dt, held
+  factors = stretch_factors(rng, amount, len(dt))
+  return dt * factors, np.where(held >= 0, held * factors, SILENT)
 
 
 def stretch_loudness(velocity: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
@@ -180,15 +193,15 @@ def stretch_loudness(velocity: np.ndarray, rng: np.random.Generator, amount: flo
 def augment(windows: dict[str, np.ndarray], rng: np.random.Generator,
             augmentation: Augmentation) -> dict[str, np.ndarray]:
   """Applies the three augmentations, each with its own factor per window."""
-  pitch, sounding = transpose(windows["pitch"], windows["sounding"], rng, augmentation.transpose)
-  return {"pitch": pitch, "sounding": sounding,
-          "dt": stretch_time(windows["dt"], rng, augmentation.time_stretch),
+  pitch, held = transpose(windows["pitch"], windows["held"], rng, augmentation.transpose)
+  dt, held = stretch_time(windows["dt"], held, rng, augmentation.time_stretch)
+  return {"pitch": pitch, "dt": dt, "held": held,
           "velocity": stretch_loudness(windows["velocity"], rng, augmentation.loudness_stretch)}
 
 
 def to_batch(windows: dict[str, np.ndarray]) -> Batch:
-  """Splits [B, T + 1] windows into model inputs (first T events) and targets (last T), beside the
-  pitches sounding before the inputs.
+  """Splits [B, T + 1] windows into model inputs (first T events) and targets (last T), beside what is
+  held before the inputs.
 
   The halves are contiguous copies: grain hands only contiguous arrays between processes through
   shared memory (others are pickled through a pipe, which is slower and can stall `close()`).
@@ -196,7 +209,7 @@ def to_batch(windows: dict[str, np.ndarray]) -> Batch:
   events = {k: windows[k].astype(dtype, copy=False) for k, dtype in BATCH_DTYPES.items()}
   return {"inputs": {k: np.ascontiguousarray(v[:, :-1]) for k, v in events.items()},
           "targets": {k: np.ascontiguousarray(v[:, 1:]) for k, v in events.items()},
-          "sounding": np.ascontiguousarray(windows["sounding"], dtype=bool)}
+          "held": np.ascontiguousarray(windows["held"], dtype=np.float32)}
 
 
 @dataclasses.dataclass
@@ -223,16 +236,16 @@ class TrainBatch(grain.transforms.Map):
     return open_store(self.data_dir, self.split).events
 
   @functools.cached_property
-  def pitch_index(self) -> PitchIndex:
-    return PitchIndex.of(np.asarray(self.events.pitch))
+  def index(self) -> EventIndex:
+    return EventIndex.of(self.events)
 
   def __getstate__(self) -> dict[str, Any]:
-    return {k: v for k, v in self.__dict__.items() if k not in ("events", "pitch_index")}
+    return {k: v for k, v in self.__dict__.items() if k not in ("events", "index")}
 
   def map(self, step: int) -> Batch:
     rng = np.random.default_rng([self.seed, step * self.shard_count + self.shard_index])
     starts = sample_starts(rng, self.offsets, self.cumulative_weights, self.window, self.batch_size)
-    windows = gather_windows(self.events, self.offsets, self.pitch_index, starts, self.window + 1)
+    windows = gather_windows(self.events, self.offsets, self.index, starts, self.window + 1)
     return to_batch(augment(windows, rng, self.augmentation))
 
 
@@ -299,7 +312,7 @@ def eval_batches(config: ml_collections.ConfigDict, data_dir: str | os.PathLike,
   count = config.data.eval_windows
   offsets = np.asarray(event_store.offsets)
   starts = evenly_spaced_starts(offsets, config.data.window, count)
-  windows = gather_windows(event_store.events, offsets, PitchIndex.of(np.asarray(event_store.events.pitch)), starts,
+  windows = gather_windows(event_store.events, offsets, EventIndex.of(event_store.events), starts,
                            config.data.window + 1)
   rows = -(-count // batch_size) * batch_size
   padded = {k: pad_rows(v, rows) for k, v in windows.items()}

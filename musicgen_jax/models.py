@@ -145,14 +145,30 @@ class LSTMLayer(nnx.Module):
     return self.input_proj.kernel.value, self.recurrent_kernel.value, self.input_proj.bias.value
 
 
-def sounding_pitches(pitch: jax.Array, velocity: jax.Array, before: jax.Array | None = None) -> jax.Array:
-  """Which pitches sound [B, T, 128] after each event of streams [B, T], given those sounding before the
-  first (`before` [B, 128], default none): a pitch's latest event decides, an onset or a release."""
+SILENT = -1.0  # The `held` value of a pitch that does not sound.
+HELD_FEATURES = 2 * NUM_PITCHES  # Per pitch: whether it sounds, and for how long (log-scaled).
+
+
+def held_pitches(pitch: jax.Array, dt: jax.Array, velocity: jax.Array, before: jax.Array | None = None) -> jax.Array:
+  """For how many seconds each pitch has sounded since its onset [B, T, 128] after each event of streams
+  [B, T] (SILENT where it does not sound), given the same before the first event (`before` [B, 128], default
+  silence): a pitch's latest event decides whether it sounds, an onset or a release."""
   positions = jnp.arange(pitch.shape[1])[None, :, None]
   latest = jax.lax.cummax(jnp.where(pitch[..., None] == jnp.arange(NUM_PITCHES), positions, -1), axis=1)
-  onset = jnp.take_along_axis(velocity > 0, jnp.maximum(latest, 0).reshape(pitch.shape[0], -1), axis=1)
-  before = jnp.zeros((pitch.shape[0], NUM_PITCHES), bool) if before is None else before
-  return jnp.where(latest >= 0, onset.reshape(latest.shape), before[:, None, :])
+  flat_latest = jnp.maximum(latest, 0).reshape(pitch.shape[0], -1)
+  onset = jnp.take_along_axis(velocity > 0, flat_latest, axis=1).reshape(latest.shape)
+  clock = jnp.cumsum(dt.astype(jnp.float32), axis=1)
+  since_latest = clock[..., None] - jnp.take_along_axis(clock, flat_latest, axis=1).reshape(latest.shape)
+  before = jnp.full((pitch.shape[0], NUM_PITCHES), SILENT) if before is None else before
+  carried = jnp.where(before[:, None, :] >= 0, before[:, None, :] + clock[..., None], SILENT)
+  return jnp.where(latest >= 0, jnp.where(onset, since_latest, SILENT), carried)
+
+
+def held_features(held: jax.Array) -> jax.Array:
+  """What the heads read of `held` [..., 128]: whether each pitch sounds, and log1p(its time / 10 ms)."""
+  sounding = held >= 0
+  duration = jnp.where(sounding, jnp.log1p(jnp.maximum(held, 0.0) / DT_INPUT_SCALE), 0.0)
+  return jnp.concatenate([sounding.astype(held.dtype), duration], axis=-1)
 
 
 class Head(nnx.Module):
@@ -160,53 +176,54 @@ class Head(nnx.Module):
 
   A head may read sub-events of the same event besides the features (`condition_classes`, the class
   count of each): each adds a learned row to the first layer's pre-activation, as a one-hot input would.
-  With `reads_sounding` it also reads which pitches sound, through a projection into the same layer and
-  one straight into the output (zero at first), so that "release a sounding pitch" is one weight a pitch.
+  With `reads_held` it also reads which pitches sound and for how long (`held_features`), through a
+  projection into the same layer and one straight into the output (zero at first), so that "release a
+  pitch held this long" is a few weights a pitch.
   """
 
   def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
                dtype: Any, param_dtype: Any, rngs: nnx.Rngs, condition_classes: tuple[int, ...] = (),
-               reads_sounding: bool = False):
+               reads_held: bool = False):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
         nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.conditions = nnx.List([nnx.Embed(count, widths[0], dtype=dtype, param_dtype=param_dtype,
                                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
                                 for count in condition_classes])
-    self.sounding = (nnx.Linear(NUM_PITCHES, widths[0], use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                                rngs=rngs) if reads_sounding else None)
-    self.sounding_out = (nnx.Linear(NUM_PITCHES, out_features, use_bias=False, kernel_init=nnx.initializers.zeros,
-                                    dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs) if reads_sounding else None)
+    self.held = (nnx.Linear(HELD_FEATURES, widths[0], use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs) if reads_held else None)
+    self.held_out = (nnx.Linear(HELD_FEATURES, out_features, use_bias=False, kernel_init=nnx.initializers.zeros,
+                                dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs) if reads_held else None)
     # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
     # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
     self.out = nnx.Linear(sizes[-1], out_features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = (),
-               sounding: jax.Array | None = None) -> jax.Array:
+               held: jax.Array | None = None) -> jax.Array:
     """Applies the head to `x` [..., features], the class ids `conditions` (each shaped [...]) and, where it
-    reads them, the sounding pitches `sounding` [..., 128]. All leading
+    reads them, the held pitches `held` [..., 128] (see `held_pitches`). All leading
     axes are folded into one first: with a single row axis the weight gradients are plain matmuls, where
     with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward pass
     took twice as long on CPU)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
-    if self.sounding is not None:
-      sounding = sounding.reshape(-1, NUM_PITCHES)
+    if self.held is not None:
+      held = held_features(held.reshape(-1, NUM_PITCHES))
     for depth, layer in enumerate(self.hidden):
       kernel, bias = layer.kernel.value.astype(layer.dtype), layer.bias.value.astype(layer.dtype)
       x = dense(x.astype(layer.dtype), kernel) + bias
       if depth == 0:
         for table, ids in zip(self.conditions, conditions):
           x = x + table(ids.reshape(-1))
-        if self.sounding is not None:
-          x = x + dense(sounding.astype(layer.dtype), self.sounding.kernel.value.astype(layer.dtype))
+        if self.held is not None:
+          x = x + dense(held.astype(layer.dtype), self.held.kernel.value.astype(layer.dtype))
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
     logits = self.out(x)
-    if self.sounding is not None:
-      logits = logits + self.sounding_out(sounding.astype(jnp.float32))
+    if self.held is not None:
+      logits = logits + self.held_out(held.astype(jnp.float32))
     return logits.reshape(*lead, -1)
 
 
@@ -242,7 +259,7 @@ class MusicLSTM(nnx.Module):
     widths = tuple(config.hidden // d for d in config.head_divisors)
     regression = config.heads == "regression"
     # Distribution heads read which pitches sound, where the inputs tell onsets from releases.
-    reads_sounding = not regression and config.inputs == "pitch+dt+velocity"
+    reads_held = not regression and config.inputs == "pitch+dt+velocity"
     self.order = ("pitch", "time", "velocity") if regression else tuple(config.order)
     if sorted(self.order) != sorted(distributions.SUB_EVENTS):
       raise ValueError(f"model.order must name each of {distributions.SUB_EVENTS} once, not {config.order!r}")
@@ -253,7 +270,7 @@ class MusicLSTM(nnx.Module):
       before = () if regression else self.order[:self.order.index(name)]
       return Head(config.hidden, widths, 1 if regression and name != "pitch" else class_counts[name],
                   dropout=config.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                  condition_classes=tuple(class_counts[b] for b in before), reads_sounding=reads_sounding)
+                  condition_classes=tuple(class_counts[b] for b in before), reads_held=reads_held)
 
     self.pitch_head = head("pitch")
     self.time_head = head("time")
@@ -289,22 +306,22 @@ class MusicLSTM(nnx.Module):
     return jnp.swapaxes(outputs, 0, 1), tuple(LSTMState(*layer_final) for layer_final in zip(h, c))
 
   def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array],
-                  sounding: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> jax.Array:
+                  held: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> jax.Array:
     """The output of sub-event `name`'s head from the features [..., hidden], the classes [...] of the
     sub-events before it in `self.order` (`before` may hold more; only those are read) and, for heads
-    that read them, the pitches sounding [..., 128] after the input event."""
+    that read them, the pitches held [..., 128] after the input event (`held_pitches`)."""
     head = {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}[name]
     x = jax.lax.stop_gradient(features) if isolate_heads and name != "pitch" else features
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
-    return head(x, rngs=rngs, conditions=conditions, sounding=sounding)
+    return head(x, rngs=rngs, conditions=conditions, held=held)
 
   @property
-  def reads_sounding(self) -> bool:
+  def reads_held(self) -> bool:
     """Whether the heads read which pitches sound (distribution heads over velocity-reading inputs)."""
-    return self.pitch_head.sounding is not None
+    return self.pitch_head.held is not None
 
   def heads(self, features: jax.Array, targets: Mapping[str, jax.Array] | None = None,
-            sounding: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
+            held: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
     """The heads' outputs at every position of `features`: `pitch_logits` and, in regression mode, `dt`
     (seconds) and `velocity` (/127), in distribution mode `time_logits` and `velocity_logits`, each head
     reading the `targets` classes (time-major, like the features) before it."""
@@ -316,24 +333,24 @@ class MusicLSTM(nnx.Module):
     if targets is None:
       raise ValueError("distribution heads need the targets to read: pass targets, or draw with sampling")
     before = distributions.classes(targets, self.time_bins)
-    return {f"{name}_logits": self.head_logits(name, features, before, sounding, isolate_heads=isolate_heads,
+    return {f"{name}_logits": self.head_logits(name, features, before, held, isolate_heads=isolate_heads,
                                                rngs=rngs)
             for name in self.order}
 
   def __call__(self, inputs: Mapping[str, jax.Array], state: tuple[LSTMState, ...] | None = None, *,
-               targets: Mapping[str, jax.Array] | None = None, sounding: jax.Array | None = None,
+               targets: Mapping[str, jax.Array] | None = None, held: jax.Array | None = None,
                isolate_heads: bool = True, rngs: nnx.Rngs | None = None
                ) -> tuple[dict[str, jax.Array], tuple[LSTMState, ...]]:
     """Predicts the next event at every position of `inputs` [batch, time]; dropout only with `rngs`.
     Distribution heads read the next events `targets` [batch, time] (teacher forcing) and, where
-    `reads_sounding`, the pitches sounding after each input, from those sounding before the first
-    (`sounding` [batch, 128], default none: a window of a piece's middle starts with notes held)."""
+    `reads_held`, the pitches held after each input (`held_pitches`), from those held before the first
+    (`held` [batch, 128], default silence: a window of a piece's middle starts with notes held)."""
     if state is None:
       state = self.initial_state(inputs["pitch"].shape[0])
     features, final = self.features(inputs, state)
     if targets is not None:
       targets = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(targets))
-    if self.reads_sounding:
-      sounding = jnp.swapaxes(sounding_pitches(inputs["pitch"], inputs["velocity"], sounding), 0, 1)
-    outputs = self.heads(features, targets, sounding, isolate_heads=isolate_heads, rngs=rngs)
+    if self.reads_held:
+      held = jnp.swapaxes(held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"], held), 0, 1)
+    outputs = self.heads(features, targets, held, isolate_heads=isolate_heads, rngs=rngs)
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs), final

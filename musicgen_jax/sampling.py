@@ -3,8 +3,8 @@
 
 Each step feeds the previous event (one position) to the model from the carried state, draws the next
 event and feeds it back, so a step costs one position whatever the length (the original re-ran a
-256-event window). The loop carries which pitches sound, so that a release always names a sounding
-pitch and an onset a silent one:
+256-event window). The loop carries which pitches sound and since when (`models.held_pitches`), so
+that a release always names a sounding pitch and an onset a silent one:
   * distribution heads (`draw_event`): every sub-event is drawn from its head in the model's order,
     each head reading those drawn before it, restricted by `allowed_classes`; the pitch with
     temperature, top-k and top-p, time and velocity with temperatures of their own;
@@ -152,16 +152,18 @@ def allowed_classes(name: str, drawn: Mapping[str, jax.Array], sounding: jax.Arr
 
 
 def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, settings: Settings,
-               sounding: jax.Array) -> Event:
-  """The event drawn by distribution heads from one position's features [B, hidden]: each sub-event in the
-  model's order from its head given those drawn before it (see `allowed_classes`), pitch with temperature,
-  top-k and top-p, time and velocity with their own temperatures; dt uniform inside its time bin."""
+               held: jax.Array) -> Event:
+  """The event drawn by distribution heads from one position's features [B, hidden] and the pitches held
+  [B, 128]: each sub-event in the model's order from its head given those drawn before it (see
+  `allowed_classes`), pitch with temperature, top-k and top-p, time and velocity with their own
+  temperatures; dt uniform inside its time bin."""
+  sounding = held >= 0
   sub_keys = jax.vmap(lambda key: jax.random.split(key, len(model.order) + 1))(keys)
   temperatures = {"time": settings.time_temperature, "velocity": settings.velocity_temperature}
   drawn = {}
   for i, name in enumerate(model.order):
-    logits = model.head_logits(name, features, drawn, sounding if model.reads_sounding else None,
-                               isolate_heads=False, rngs=None)
+    logits = model.head_logits(name, features, drawn, held if model.reads_held else None, isolate_heads=False,
+                               rngs=None)
     logits = jnp.where(allowed_classes(name, drawn, sounding, logits.shape[-1]), logits, -jnp.inf)
     if name == "pitch":
       drawn[name] = sample_pitch(sub_keys[:, i], logits, settings)
@@ -173,14 +175,16 @@ def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, se
           "velocity": drawn["velocity"].astype(jnp.float32)}
 
 
-def update_sounding(sounding: jax.Array, event: Event) -> jax.Array:
-  """Which pitches sound [B, 128] after `event` ([B]): an onset starts its pitch, a release ends it."""
-  return sounding.at[jnp.arange(sounding.shape[0]), event["pitch"]].set(event["velocity"] > 0)
+def update_held(held: jax.Array, event: Event) -> jax.Array:
+  """The pitches held [B, 128] after `event` ([B]; see `models.held_pitches`): its dt passes for every
+  sounding pitch, then an onset starts its pitch and a release ends it."""
+  held = jnp.where(held >= 0, held + event["dt"][:, None], models.SILENT)
+  return held.at[jnp.arange(held.shape[0]), event["pitch"]].set(jnp.where(event["velocity"] > 0, 0.0, models.SILENT))
 
 
-def sounding_after(events: Event) -> jax.Array:
-  """Which pitches sound [B, 128] at the end of event streams [B, T] that start in silence."""
-  return models.sounding_pitches(events["pitch"], events["velocity"])[:, -1]
+def held_after(events: Event) -> jax.Array:
+  """The pitches held [B, 128] at the end of event streams [B, T] that start in silence."""
+  return models.held_pitches(events["pitch"], events["dt"], events["velocity"])[:, -1]
 
 
 def step_keys(keys: jax.Array, step: jax.Array | int) -> jax.Array:
@@ -213,31 +217,30 @@ def prime(model: models.MusicLSTM, primer: Event) -> tuple[State, Event]:
 
 
 def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array, settings: Settings,
-           length: int, sounding: jax.Array | None = None,
+           length: int, held: jax.Array | None = None,
            first_step: jax.Array | int = 0) -> tuple[Event, tuple[State, Event, jax.Array]]:
   """`length` events [B, length] for each key of `keys` [B], continuing `event` from `state` (batch 1 or B)
-  with the pitches in `sounding` [1 or B, 128] sounding (default: none), and the carry (state, last
-  event, sounding pitches) to continue from. Steps are numbered from `first_step`: a continuation from
+  with the pitches `held` [1 or B, 128] (default: silence; see `models.held_pitches`), and the carry
+  (state, last event, held pitches) to continue from. Steps are numbered from `first_step`: a continuation from
   the carry with `first_step=length` draws what one call of twice the length would.
   """
   batch = keys.shape[0]
-  if sounding is None:
-    sounding = jnp.zeros((1, models.NUM_PITCHES), bool)
-  state, event, sounding = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])),
-                                        (state, event, sounding))
+  if held is None:
+    held = jnp.full((1, models.NUM_PITCHES), models.SILENT)
+  state, event, held = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), (state, event, held))
 
   def step(carry: tuple[State, Event, jax.Array], t: jax.Array) -> tuple[tuple[State, Event, jax.Array], Event]:
-    state, event, sounding = carry
+    state, event, held = carry
     inputs = jax.tree.map(lambda x: x[:, None], event)
     if model.head_mode == "regression":
       outputs, state = model(inputs, state)
-      event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings, sounding)
+      event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings, held >= 0)
     else:
       features, state = model.features(inputs, state)
-      event = draw_event(model, features[0], step_keys(keys, t), settings, sounding)
-    return (state, event, update_sounding(sounding, event)), event
+      event = draw_event(model, features[0], step_keys(keys, t), settings, held)
+    return (state, event, update_held(held, event)), event
 
-  carry, events = jax.lax.scan(step, (state, event, sounding), jnp.arange(length) + first_step)
+  carry, events = jax.lax.scan(step, (state, event, held), jnp.arange(length) + first_step)
   return jax.tree.map(lambda x: x.T, events), carry
 
 
@@ -250,10 +253,10 @@ def prime_compiled(graphdef: nnx.GraphDef, params: nnx.State, primer: Event | No
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "length"))
 def sample_compiled(graphdef: nnx.GraphDef, params: nnx.State, state: State, event: Event, keys: jax.Array,
-                    settings: Settings, length: int, sounding: jax.Array | None = None,
+                    settings: Settings, length: int, held: jax.Array | None = None,
                     first_step: jax.Array | int = 0) -> tuple[Event, tuple[State, Event, jax.Array]]:
   """`sample` of the model `graphdef` with `params`: compiled once per (batch, length, model)."""
-  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, sounding, first_step)
+  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, held, first_step)
 
 
 def device_placement(batch: int) -> tuple[NamedSharding, NamedSharding]:

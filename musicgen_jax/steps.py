@@ -52,7 +52,7 @@ def train_step(state: TrainState, metrics: dict[str, jax.Array], batch: Mapping[
 
   def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[dict, dict]]:
     model = nnx.merge(graphdef, params)
-    outputs, _ = model(batch["inputs"], targets=batch["targets"], sounding=batch["sounding"],
+    outputs, _ = model(batch["inputs"], targets=batch["targets"], held=batch["held"],
                        isolate_heads=isolate_heads, rngs=nnx.Rngs(dropout=dropout_key))
     sums = event_sums(outputs, batch["targets"], weights, model.time_bins)
     losses = losses_from_sums(sums)
@@ -95,7 +95,7 @@ def eval_step(params: nnx.State, batch: Mapping[str, Any], scales: Mapping[str, 
               graphdef: nnx.GraphDef, weights: jax.Array) -> dict[str, jax.Array]:
   """Summed metrics of one evaluation batch, padding rows masked out; `scales` as in `event_sums`."""
   model = nnx.merge(graphdef, params)
-  outputs, _ = model(batch["inputs"], targets=batch["targets"], sounding=batch["sounding"])
+  outputs, _ = model(batch["inputs"], targets=batch["targets"], held=batch["held"])
   return event_sums(outputs, batch["targets"], weights[None, :] * batch["mask"][:, None], model.time_bins, scales)
 
 

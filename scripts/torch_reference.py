@@ -27,7 +27,8 @@ def synthetic_batch(batch_size: int, window: int, seed: int = 0) -> dict:
             "dt": rng.exponential(0.1, (batch_size, window)).astype(np.float32),
             "velocity": rng.integers(0, 128, (batch_size, window)).astype(np.float32)}
 
-  return {"inputs": events(), "targets": events(), "sounding": rng.random((batch_size, 128)) < 0.05}
+  held = np.where(rng.random((batch_size, 128)) < 0.05, rng.exponential(0.5, (batch_size, 128)), -1.0)
+  return {"inputs": events(), "targets": events(), "held": held.astype(np.float32)}
 
 
 class TorchStep:

@@ -62,9 +62,9 @@ def assert_batches_equal(a, b):
 
 def test_batch_layout(data_dir):
   batch = next(input_pipeline.train_iterator(make_config(), data_dir))
-  assert set(batch) == {"inputs", "targets", "sounding"}
-  sounding = batch.pop("sounding")
-  assert (sounding.shape, sounding.dtype, sounding.flags.c_contiguous) == ((BATCH, 128), np.bool_, True)
+  assert set(batch) == {"inputs", "targets", "held"}
+  held = batch.pop("held")
+  assert (held.shape, held.dtype, held.flags.c_contiguous) == ((BATCH, 128), np.float32, True)
   for part in batch.values():
     assert {k: (v.shape, v.dtype) for k, v in part.items()} == {
         "pitch": ((BATCH, WINDOW), np.int32), "dt": ((BATCH, WINDOW), np.float32),
@@ -80,50 +80,60 @@ def test_targets_are_inputs_shifted_by_one(data_dir, augmented):
       np.testing.assert_array_equal(batch["inputs"][field][:, 1:], batch["targets"][field][:, :-1])
 
 
-def sounding_by_scan(events: store.Events, offsets: np.ndarray, start: int) -> np.ndarray:
-  """The pitches sounding just before global position `start`, by replaying its piece from the beginning."""
-  sounding = np.zeros(128, bool)
+def held_by_scan(events: store.Events, offsets: np.ndarray, start: int) -> np.ndarray:
+  """What is held at the event before global position `start` (seconds since each sounding pitch's onset,
+  -1 for a silent one), by replaying its piece from the beginning."""
+  onset_time, now = np.full(128, np.nan), 0.0
   for i in range(offsets[np.searchsorted(offsets, start, side="right") - 1], start):
-    sounding[events.pitch[i]] = events.velocity[i] > 0
-  return sounding
+    now += float(events.dt[i])
+    onset_time[events.pitch[i]] = now if events.velocity[i] > 0 else np.nan
+  return np.where(np.isnan(onset_time), -1.0, now - onset_time)
 
 
-def test_the_pitches_sounding_before_any_position_are_those_its_piece_holds(data_dir):
+def assert_held_equal(found: np.ndarray, expected: np.ndarray) -> None:
+  np.testing.assert_array_equal(found >= 0, expected >= 0)
+  np.testing.assert_allclose(found, expected, atol=1e-4)
+
+
+def test_what_is_held_before_any_position_is_what_its_piece_holds(data_dir):
   """At every position of a split, piece boundaries included (a note left sounding at the end of a piece
   does not sound at the start of the next)."""
   split = store.open_split(data_dir, "train")
   offsets = np.asarray(split.offsets)
   starts = np.arange(len(split.events))
-  found = input_pipeline.sounding_before(split.events, offsets, input_pipeline.PitchIndex.of(split.events.pitch),
-                                         starts)
-  expected = np.stack([sounding_by_scan(split.events, offsets, start) for start in starts])
-  np.testing.assert_array_equal(found, expected)
-  assert expected.sum(axis=1).max() >= 5 and not expected[offsets[:-1]].any()
+  found = input_pipeline.held_before(split.events, offsets, input_pipeline.EventIndex.of(split.events), starts)
+  expected = np.stack([held_by_scan(split.events, offsets, start) for start in starts])
+  assert_held_equal(found, expected)
+  assert (expected >= 0).sum(axis=1).max() >= 5 and expected.max() > 0.5 and (expected[offsets[:-1]] == -1).all()
 
 
-def test_evaluation_windows_carry_the_pitches_sounding_before_them(data_dir):
+def test_evaluation_windows_carry_what_is_held_before_them(data_dir):
   config = no_augmentation()
   split = store.open_split(data_dir, "validation")
   offsets = np.asarray(split.offsets)
   starts = input_pipeline.evenly_spaced_starts(offsets, WINDOW, config.data.eval_windows)
-  sounding = np.concatenate([b["sounding"] for b in input_pipeline.eval_batches(config, data_dir)])
-  expected = np.stack([sounding_by_scan(split.events, offsets, start) for start in starts])
-  np.testing.assert_array_equal(sounding[:len(starts)], expected)
-  assert expected.any() and not sounding[len(starts):].any()
+  held = np.concatenate([b["held"] for b in input_pipeline.eval_batches(config, data_dir)])
+  expected = np.stack([held_by_scan(split.events, offsets, start) for start in starts])
+  assert_held_equal(held[:len(starts)], expected)
+  assert (expected > 0).any()
 
 
-def test_transposition_moves_the_sounding_pitches_with_the_window():
+def random_held(rng: np.random.Generator, rows: int) -> np.ndarray:
+  return np.where(rng.random((rows, 128)) < 0.2, rng.exponential(1.0, (rows, 128)), -1.0).astype(np.float32)
+
+
+def test_transposition_moves_the_held_pitches_with_the_window():
   rng = np.random.default_rng(0)
   pitch = rng.integers(10, 118, (300, WINDOW))
-  sounding = rng.random((300, 128)) < 0.2
-  shifted_pitch, shifted = input_pipeline.transpose(pitch, sounding, rng, 12)
+  held = random_held(rng, 300)
+  shifted_pitch, shifted = input_pipeline.transpose(pitch, held, rng, 12)
   shifts = shifted_pitch[:, 0] - pitch[:, 0]
   assert set(shifts) == set(range(-12, 13))
   for row, shift in enumerate(shifts):
     np.testing.assert_array_equal(shifted_pitch[row], pitch[row] + shift)
-    expected = np.zeros(128, bool)
-    kept = np.flatnonzero(sounding[row]) + shift
-    expected[kept[(kept >= 0) & (kept <= 127)]] = True
+    expected = np.full(128, -1.0, np.float32)
+    kept = np.arange(128)[(np.arange(128) + shift >= 0) & (np.arange(128) + shift <= 127)]
+    expected[kept + shift] = held[row, kept]
     np.testing.assert_array_equal(shifted[row], expected)
 
 
@@ -168,11 +178,16 @@ def test_loudness_stretch_keeps_releases_and_bounds():
   assert ratio.min() >= 0.5 - 1 / 64 and ratio.max() <= 1.5 + 1 / 64
 
 
-def test_time_stretch_one_factor_per_window_within_range():
+def test_time_stretch_one_factor_per_window_within_range_that_also_stretches_the_held_pitches():
   dt = np.tile(np.linspace(0.01, 2.0, 7, dtype=np.float32), (500, 1))
-  ratio = input_pipeline.stretch_time(dt, np.random.default_rng(0), 0.2) / dt
+  held = random_held(np.random.default_rng(1), 500)
+  stretched_dt, stretched_held = input_pipeline.stretch_time(dt, held, np.random.default_rng(0), 0.2)
+  ratio = stretched_dt / dt
   np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:, :1], ratio.shape), rtol=1e-6)
   assert ratio.min() >= 0.8 - 1e-6 and ratio.max() <= 1.2 + 1e-6 and ratio.std() > 0.05
+  np.testing.assert_array_equal(stretched_held < 0, held < 0)
+  np.testing.assert_allclose(np.where(held >= 0, stretched_held, 0), np.where(held >= 0, held * ratio[:, :1], 0),
+                             rtol=1e-5)
 
 
 def test_unaugmented_windows_are_stored_events(data_dir):

@@ -19,8 +19,9 @@ def tiny_config(*overrides: str):
 
 def random_batch(config, seed: int = 0) -> dict:
   b, t = config.train.batch_size, config.data.window
-  sounding = np.random.default_rng(seed).random((b, 128)) < 0.1
-  return {"inputs": random_inputs(b, t, seed), "targets": random_inputs(b, t, seed + 1), "sounding": sounding}
+  rng = np.random.default_rng(seed)
+  held = np.where(rng.random((b, 128)) < 0.1, rng.exponential(0.5, (b, 128)), -1.0).astype(np.float32)
+  return {"inputs": random_inputs(b, t, seed), "targets": random_inputs(b, t, seed + 1), "held": held}
 
 
 def side_loss_grads(isolation: str, heads: str) -> nnx.State:
@@ -31,7 +32,7 @@ def side_loss_grads(isolation: str, heads: str) -> nnx.State:
 
   def side_loss(params):
     model = nnx.merge(graphdef, params)
-    outputs, _ = model(batch["inputs"], targets=batch["targets"], sounding=batch["sounding"],
+    outputs, _ = model(batch["inputs"], targets=batch["targets"], held=batch["held"],
                        isolate_heads=isolation == "strict")
     sums = losses.event_sums(outputs, batch["targets"], jnp.ones(config.data.window), model.time_bins)
     head_losses = losses.losses_from_sums(sums)

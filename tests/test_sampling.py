@@ -378,8 +378,18 @@ def test_releases_name_sounding_pitches_and_onsets_silent_ones():
   assert int(event["pitch"][1]) == 70 and float(event["velocity"][1]) == round(0.8 * 127)  # onset, not 64
   assert int(event["pitch"][2]) == 70 and float(event["velocity"][2]) == 30.0  # nothing sounds: an onset
   assert float(event["velocity"][3]) == 0.0  # everything sounds: a release of any pitch
-  after = sampling.update_sounding(sounding, event)
+  held = jnp.where(sounding, 0.25, -1.0)
+  after = sampling.update_held(held, dict(event, dt=jnp.asarray([0.5, 0.1, 0.0, 0.2]))) >= 0
   assert not after[0, 60] and after[1, 70] and after[2, 70] and not after[3, int(event["pitch"][3])]
+
+
+def test_held_pitches_age_by_each_event_dt_and_restart_at_an_onset():
+  held = jnp.asarray([[-1.0, 0.5, 2.0]]).repeat(2, 0)
+  held = jnp.pad(held, ((0, 0), (0, 125)), constant_values=-1.0)
+  after = sampling.update_held(held, {"pitch": jnp.asarray([0, 2]), "dt": jnp.asarray([0.25, 0.125]),
+                                      "velocity": jnp.asarray([90.0, 0.0])})
+  np.testing.assert_array_equal(after[:, :3], [[0.0, 0.75, 2.25], [-1.0, 0.625, -1.0]])
+  assert (after[:, 3:] == -1.0).all()
 
 
 def test_generated_files_have_no_release_without_a_sounding_note(model_parts):
@@ -441,14 +451,15 @@ def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order):
   rng = np.random.default_rng(0)
   features = jnp.asarray(np.repeat(rng.normal(size=(3, 32)), rows // 3, axis=0), jnp.float32)
   sounding = jnp.asarray(rng.random((rows, 128)) < np.repeat([0.0, 0.05, 0.5], rows // 3)[:, None])
+  held = jnp.where(sounding, jnp.asarray(rng.exponential(0.5, (rows, 128)), jnp.float32), -1.0)
   drawn_settings = settings(time_temperature=0.7, velocity_temperature=1.5)
-  event = sampling.draw_event(model, features, sampling.sequence_keys(1, 0, rows), drawn_settings, sounding)
+  event = sampling.draw_event(model, features, sampling.sequence_keys(1, 0, rows), drawn_settings, held)
   drawn = distributions.classes(event, model.time_bins)
   temperatures = {"pitch": 1.0, "time": 0.7, "velocity": 1.5}
   # Randomized probability integral transform: uniform on [0, 1) exactly when each class is drawn with
   # the modelled probability given the sub-events before it.
   for name in model.order:
-    logits = model.head_logits(name, features, drawn, sounding, isolate_heads=False, rngs=None)
+    logits = model.head_logits(name, features, drawn, held, isolate_heads=False, rngs=None)
     allowed = sampling.allowed_classes(name, drawn, sounding, logits.shape[-1])
     probs = np.asarray(jax.nn.softmax(jnp.where(allowed, logits / temperatures[name], -jnp.inf)), np.float64)
     k = np.asarray(drawn[name])

@@ -254,19 +254,19 @@ def test_loss_decreases_on_a_tiny_real_corpus(maestro, tmp_path):
 def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   """An accelerator runs a float32 matmul as several bfloat16 ones: in a bfloat16 step every matmul,
   forward and backward, reads bfloat16 operands (accumulating in float32), except the three heads'
-  output layers and sounding skips, which are float32 by design."""
+  output layers and held-pitch skips, which are float32 by design."""
   config = apply_overrides(load_config("tiny"), ("model.dtype=bfloat16",))
   trainer = steps.Trainer(config)
   rows = (config.train.batch_size, config.data.window)
   events = {"pitch": np.zeros(rows, np.int32), "dt": np.zeros(rows, np.float32), "velocity": np.zeros(rows, np.float32)}
   hlo = trainer.train_step.lower(trainer.initial_state, trainer.zero_metrics(),
                                  {"inputs": events, "targets": events,
-                                  "sounding": np.zeros((rows[0], 128), bool)}).as_text()
+                                  "held": np.full((rows[0], 128), -1.0, np.float32)}).as_text()
   operands = re.findall(r"stablehlo\.dot_general [^\n]*: \(tensor<([^>]*)>, tensor<([^>]*)>\)", hlo)
   assert len(operands) >= 30  # The LSTM layers' and the three heads' matmuls, forward and backward.
   float32 = [pair for pair in operands if not all(t.endswith("xbf16") for t in pair)]
-  # Their inputs: the last hidden layer's outputs, or the 128 sounding pitches of the output skips.
-  output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), "128"}
+  # Their inputs: the last hidden layer's outputs, or the 256 held-pitch features of the output skips.
+  output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), "256"}
   # Per head: the output layer's forward pass and both gradients, the skip's forward pass and kernel gradient.
   assert len(float32) == 15, float32
   for pair in float32:
