@@ -107,19 +107,22 @@ SILENT = -1.0  # The `held` value of a pitch that does not sound.
 @dataclasses.dataclass(frozen=True)
 class EventIndex:
   """Where each pitch's events are in a split, pitch p's positions in order being
-  `positions[bounds[p]:bounds[p + 1]]`, and the time of every event since the split's first (`clock`, float64
-  seconds): it finds which pitches sound at any position, and since when, without a scan."""
+  `positions[bounds[p]:bounds[p + 1]]`, and the time of every event since its piece began (`clock`, seconds;
+  float32 is fine within a piece): it finds which pitches sound at any position, and since when, without a
+  scan."""
 
   positions: np.ndarray
   bounds: np.ndarray
   clock: np.ndarray
 
   @classmethod
-  def of(cls, events: store_lib.Events) -> EventIndex:
+  def of(cls, events: store_lib.Events, offsets: np.ndarray) -> EventIndex:
     pitch = np.asarray(events.pitch)
     positions = np.argsort(pitch, kind="stable").astype(np.int32 if len(pitch) < 2**31 else np.int64)
+    clock = np.cumsum(np.asarray(events.dt), dtype=np.float64)
+    piece_start_time = np.concatenate([[0.0], clock])[np.repeat(offsets[:-1], np.diff(offsets))]
     return cls(positions, np.searchsorted(pitch[positions], np.arange(MAX_PITCH + 2)),
-               np.cumsum(np.asarray(events.dt), dtype=np.float64))
+               (clock - piece_start_time).astype(np.float32))
 
 
 def held_before(events: store_lib.Events, offsets: np.ndarray, index: EventIndex, starts: np.ndarray) -> np.ndarray:
@@ -237,7 +240,7 @@ class TrainBatch(grain.transforms.Map):
 
   @functools.cached_property
   def index(self) -> EventIndex:
-    return EventIndex.of(self.events)
+    return EventIndex.of(self.events, self.offsets)
 
   def __getstate__(self) -> dict[str, Any]:
     return {k: v for k, v in self.__dict__.items() if k not in ("events", "index")}
@@ -312,7 +315,7 @@ def eval_batches(config: ml_collections.ConfigDict, data_dir: str | os.PathLike,
   count = config.data.eval_windows
   offsets = np.asarray(event_store.offsets)
   starts = evenly_spaced_starts(offsets, config.data.window, count)
-  windows = gather_windows(event_store.events, offsets, EventIndex.of(event_store.events), starts,
+  windows = gather_windows(event_store.events, offsets, EventIndex.of(event_store.events, offsets), starts,
                            config.data.window + 1)
   rows = -(-count // batch_size) * batch_size
   padded = {k: pad_rows(v, rows) for k, v in windows.items()}

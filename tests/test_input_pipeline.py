@@ -101,7 +101,7 @@ def test_what_is_held_before_any_position_is_what_its_piece_holds(data_dir):
   split = store.open_split(data_dir, "train")
   offsets = np.asarray(split.offsets)
   starts = np.arange(len(split.events))
-  found = input_pipeline.held_before(split.events, offsets, input_pipeline.EventIndex.of(split.events), starts)
+  found = input_pipeline.held_before(split.events, offsets, input_pipeline.EventIndex.of(split.events, offsets), starts)
   expected = np.stack([held_by_scan(split.events, offsets, start) for start in starts])
   assert_held_equal(found, expected)
   assert (expected >= 0).sum(axis=1).max() >= 5 and expected.max() > 0.5 and (expected[offsets[:-1]] == -1).all()
