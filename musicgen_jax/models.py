@@ -146,7 +146,7 @@ class LSTMLayer(nnx.Module):
 
 
 SILENT = -1.0  # The `held` value of a pitch that does not sound.
-HELD_FEATURES = 2 * NUM_PITCHES  # Per pitch: whether it sounds, and for how long (log-scaled).
+HELD_FEATURES = 2  # Per pitch: whether it sounds, and for how long (log-scaled).
 
 
 def held_pitches(pitch: jax.Array, dt: jax.Array, velocity: jax.Array, before: jax.Array | None = None) -> jax.Array:
@@ -165,7 +165,7 @@ def held_pitches(pitch: jax.Array, dt: jax.Array, velocity: jax.Array, before: j
 
 
 def held_features(held: jax.Array) -> jax.Array:
-  """What the heads read of `held` [..., 128]: whether each pitch sounds, and log1p(its time / 10 ms)."""
+  """What the heads read of `held` [..., P] (P pitches): whether each sounds, then log1p(its time / 10 ms)."""
   sounding = held >= 0
   duration = jnp.where(sounding, jnp.log1p(jnp.maximum(held, 0.0) / DT_INPUT_SCALE), 0.0)
   return jnp.concatenate([sounding.astype(held.dtype), duration], axis=-1)
@@ -176,24 +176,24 @@ class Head(nnx.Module):
 
   A head may read sub-events of the same event besides the features (`condition_classes`, the class
   count of each): each adds a learned row to the first layer's pre-activation, as a one-hot input would.
-  With `reads_held` it also reads which pitches sound and for how long (`held_features`), through a
-  projection into the same layer and one straight into the output (zero at first), so that "release a
+  A head may also read `held_inputs` features of the held pitches (see `MusicLSTM.head_logits`), through
+  a projection into the same layer and one straight into the output (zero at first), so that "release a
   pitch held this long" is a few weights a pitch.
   """
 
   def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
                dtype: Any, param_dtype: Any, rngs: nnx.Rngs, condition_classes: tuple[int, ...] = (),
-               reads_held: bool = False):
+               held_inputs: int = 0):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
         nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.conditions = nnx.List([nnx.Embed(count, widths[0], dtype=dtype, param_dtype=param_dtype,
                                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
                                 for count in condition_classes])
-    self.held = (nnx.Linear(HELD_FEATURES, widths[0], use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                            rngs=rngs) if reads_held else None)
-    self.held_out = (nnx.Linear(HELD_FEATURES, out_features, use_bias=False, kernel_init=nnx.initializers.zeros,
-                                dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs) if reads_held else None)
+    self.held = (nnx.Linear(held_inputs, widths[0], use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs) if held_inputs else None)
+    self.held_out = (nnx.Linear(held_inputs, out_features, use_bias=False, kernel_init=nnx.initializers.zeros,
+                                dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs) if held_inputs else None)
     # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
     # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
     self.out = nnx.Linear(sizes[-1], out_features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
@@ -202,14 +202,14 @@ class Head(nnx.Module):
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = (),
                held: jax.Array | None = None) -> jax.Array:
     """Applies the head to `x` [..., features], the class ids `conditions` (each shaped [...]) and, where it
-    reads them, the held pitches `held` [..., 128] (see `held_pitches`). All leading
+    reads them, the held-pitch features `held` [..., held_inputs]. All leading
     axes are folded into one first: with a single row axis the weight gradients are plain matmuls, where
     with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward pass
     took twice as long on CPU)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     if self.held is not None:
-      held = held_features(held.reshape(-1, NUM_PITCHES))
+      held = held.reshape(-1, held.shape[-1])
     for depth, layer in enumerate(self.hidden):
       kernel, bias = layer.kernel.value.astype(layer.dtype), layer.bias.value.astype(layer.dtype)
       x = dense(x.astype(layer.dtype), kernel) + bias
@@ -260,6 +260,11 @@ class MusicLSTM(nnx.Module):
     regression = config.heads == "regression"
     # Distribution heads read which pitches sound, where the inputs tell onsets from releases.
     reads_held = not regression and config.inputs == "pitch+dt+velocity"
+
+    def held_inputs(before: tuple[str, ...]) -> int:
+      """Every pitch's held features, and the event's own pitch's once it is drawn."""
+      return HELD_FEATURES * (NUM_PITCHES + ("pitch" in before)) if reads_held else 0
+
     self.order = ("pitch", "time", "velocity") if regression else tuple(config.order)
     if sorted(self.order) != sorted(distributions.SUB_EVENTS):
       raise ValueError(f"model.order must name each of {distributions.SUB_EVENTS} once, not {config.order!r}")
@@ -270,7 +275,7 @@ class MusicLSTM(nnx.Module):
       before = () if regression else self.order[:self.order.index(name)]
       return Head(config.hidden, widths, 1 if regression and name != "pitch" else class_counts[name],
                   dropout=config.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                  condition_classes=tuple(class_counts[b] for b in before), reads_held=reads_held)
+                  condition_classes=tuple(class_counts[b] for b in before), held_inputs=held_inputs(before))
 
     self.pitch_head = head("pitch")
     self.time_head = head("time")
@@ -309,10 +314,16 @@ class MusicLSTM(nnx.Module):
                   held: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> jax.Array:
     """The output of sub-event `name`'s head from the features [..., hidden], the classes [...] of the
     sub-events before it in `self.order` (`before` may hold more; only those are read) and, for heads
-    that read them, the pitches held [..., 128] after the input event (`held_pitches`)."""
+    that read them, the pitches held [..., 128] after the input event (`held_pitches`): every pitch's
+    `held_features` and, once the event's pitch is drawn, that pitch's (whether this event releases it,
+    and a note of what age)."""
     head = {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}[name]
     x = jax.lax.stop_gradient(features) if isolate_heads and name != "pitch" else features
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
+    if head.held is not None:
+      pitch_before = "pitch" in self.order[:self.order.index(name)]
+      own = (jnp.take_along_axis(held, before["pitch"][..., None], axis=-1),) if pitch_before else ()
+      held = held_features(jnp.concatenate([held, *own], axis=-1))
     return head(x, rngs=rngs, conditions=conditions, held=held)
 
   @property

@@ -265,8 +265,9 @@ def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   operands = re.findall(r"stablehlo\.dot_general [^\n]*: \(tensor<([^>]*)>, tensor<([^>]*)>\)", hlo)
   assert len(operands) >= 30  # The LSTM layers' and the three heads' matmuls, forward and backward.
   float32 = [pair for pair in operands if not all(t.endswith("xbf16") for t in pair)]
-  # Their inputs: the last hidden layer's outputs, or the 256 held-pitch features of the output skips.
-  output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), "256"}
+  # Their inputs: the last hidden layer's outputs, or the held-pitch features of the output skips (256 of every
+  # pitch, and 2 more of the event's own pitch for the heads after the pitch).
+  output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), "256", "258"}
   # Per head: the output layer's forward pass and both gradients, the skip's forward pass and kernel gradient.
   assert len(float32) == 15, float32
   for pair in float32:
