@@ -176,55 +176,69 @@ class Head(nnx.Module):
 
   A head may read sub-events of the same event besides the features (`condition_classes`, the class
   count of each): each adds a learned row to the first layer's pre-activation, as a one-hot input would.
-  A head may also read `held_inputs` features of the held pitches (see `MusicLSTM.head_logits`), through
-  a projection into the same layer and one straight into the output (zero at first), so that "release a
-  pitch held this long" is a few weights a pitch.
+  A head may also read the held pitches (`HeldTerms`): every pitch's features and, with `reads_own`, those
+  of the event's drawn pitch, each through a projection into the same layer and one straight into the
+  output (zero at first), so that "release a pitch held this long" is a few weights a pitch.
   """
 
   def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
                dtype: Any, param_dtype: Any, rngs: nnx.Rngs, condition_classes: tuple[int, ...] = (),
-               held_inputs: int = 0):
+               reads_held: bool = False, reads_own: bool = False):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
         nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.conditions = nnx.List([nnx.Embed(count, widths[0], dtype=dtype, param_dtype=param_dtype,
                                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
                                 for count in condition_classes])
-    self.held = (nnx.Linear(held_inputs, widths[0], use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                            rngs=rngs) if held_inputs else None)
-    self.held_out = (nnx.Linear(held_inputs, out_features, use_bias=False, kernel_init=nnx.initializers.zeros,
-                                dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs) if held_inputs else None)
+
+    def projections(features: int) -> tuple[nnx.Linear, nnx.Linear]:
+      return (nnx.Linear(features, widths[0], use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+              nnx.Linear(features, out_features, use_bias=False, kernel_init=nnx.initializers.zeros,
+                         dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs))
+
+    self.held, self.held_out = projections(HELD_FEATURES * NUM_PITCHES) if reads_held else (None, None)
+    self.own, self.own_out = projections(HELD_FEATURES) if reads_own else (None, None)
     # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
     # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
     self.out = nnx.Linear(sizes[-1], out_features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = (),
-               held: jax.Array | None = None) -> jax.Array:
+               held: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Applies the head to `x` [..., features], the class ids `conditions` (each shaped [...]) and, where it
-    reads them, the held-pitch features `held` [..., held_inputs]. All leading
+    reads them, the held pitches' terms `held` (added to the first layer [..., width], to the output
+    [..., out_features]; see `MusicLSTM.head_logits`). All leading
     axes are folded into one first: with a single row axis the weight gradients are plain matmuls, where
     with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward pass
     took twice as long on CPU)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
-    if self.held is not None:
-      held = held.reshape(-1, held.shape[-1])
+    if held is not None:
+      held = tuple(term.reshape(-1, term.shape[-1]) for term in held)
     for depth, layer in enumerate(self.hidden):
       kernel, bias = layer.kernel.value.astype(layer.dtype), layer.bias.value.astype(layer.dtype)
       x = dense(x.astype(layer.dtype), kernel) + bias
       if depth == 0:
         for table, ids in zip(self.conditions, conditions):
           x = x + table(ids.reshape(-1))
-        if self.held is not None:
-          x = x + dense(held.astype(layer.dtype), self.held.kernel.value.astype(layer.dtype))
+        if held is not None:
+          x = x + held[0].astype(layer.dtype)
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
     logits = self.out(x)
-    if self.held is not None:
-      logits = logits + self.held_out(held.astype(jnp.float32))
+    if held is not None:
+      logits = logits + held[1]
     return logits.reshape(*lead, -1)
+
+
+class HeldTerms(NamedTuple):
+  """The held pitches as the heads read them: every pitch's `held_features` [..., 256], computed once for
+  all heads, and per head their projections into its first layer and into its output."""
+
+  features: jax.Array
+  hidden: dict[str, jax.Array]
+  logits: dict[str, jax.Array]
 
 
 class MusicLSTM(nnx.Module):
@@ -261,9 +275,6 @@ class MusicLSTM(nnx.Module):
     # Distribution heads read which pitches sound, where the inputs tell onsets from releases.
     reads_held = not regression and config.inputs == "pitch+dt+velocity"
 
-    def held_inputs(before: tuple[str, ...]) -> int:
-      """Every pitch's held features, and the event's own pitch's once it is drawn."""
-      return HELD_FEATURES * (NUM_PITCHES + ("pitch" in before)) if reads_held else 0
 
     self.order = ("pitch", "time", "velocity") if regression else tuple(config.order)
     if sorted(self.order) != sorted(distributions.SUB_EVENTS):
@@ -275,7 +286,8 @@ class MusicLSTM(nnx.Module):
       before = () if regression else self.order[:self.order.index(name)]
       return Head(config.hidden, widths, 1 if regression and name != "pitch" else class_counts[name],
                   dropout=config.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                  condition_classes=tuple(class_counts[b] for b in before), held_inputs=held_inputs(before))
+                  condition_classes=tuple(class_counts[b] for b in before), reads_held=reads_held,
+                  reads_own=reads_held and "pitch" in before)
 
     self.pitch_head = head("pitch")
     self.time_head = head("time")
@@ -310,21 +322,41 @@ class MusicLSTM(nnx.Module):
                                     [layer.weights() for layer in self.lstm])
     return jnp.swapaxes(outputs, 0, 1), tuple(LSTMState(*layer_final) for layer_final in zip(h, c))
 
+  def head_modules(self) -> dict[str, Head]:
+    return {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}
+
+  def read_held(self, held: jax.Array) -> HeldTerms:
+    """The heads' terms [...] of the pitches held [..., 128] after the input event (`held_pitches`). Each
+    head's projections are matmuls of their own: on a CPU one matmul into the three heads' kernels side by
+    side (768 columns) ran at 60% of the speed of three of 256."""
+    features = held_features(held)
+    rows = features.reshape(-1, features.shape[-1])
+
+    def project(layer: nnx.Linear) -> jax.Array:
+      return dense(rows.astype(layer.dtype), layer.kernel.value.astype(layer.dtype)).reshape(*held.shape[:-1], -1)
+
+    heads = self.head_modules()
+    return HeldTerms(features, {name: project(head.held) for name, head in heads.items()},
+                     {name: project(head.held_out) for name, head in heads.items()})
+
   def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array],
-                  held: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> jax.Array:
+                  held: HeldTerms | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> jax.Array:
     """The output of sub-event `name`'s head from the features [..., hidden], the classes [...] of the
     sub-events before it in `self.order` (`before` may hold more; only those are read) and, for heads
-    that read them, the pitches held [..., 128] after the input event (`held_pitches`): every pitch's
-    `held_features` and, once the event's pitch is drawn, that pitch's (whether this event releases it,
-    and a note of what age)."""
-    head = {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}[name]
+    that read them, the held pitches (`read_held`): every pitch's terms and, once the event's pitch is
+    drawn, that pitch's own features (whether this event releases it, and a note of what age)."""
+    head = self.head_modules()[name]
     x = jax.lax.stop_gradient(features) if isolate_heads and name != "pitch" else features
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
+    terms = None
     if head.held is not None:
-      pitch_before = "pitch" in self.order[:self.order.index(name)]
-      own = (jnp.take_along_axis(held, before["pitch"][..., None], axis=-1),) if pitch_before else ()
-      held = held_features(jnp.concatenate([held, *own], axis=-1))
-    return head(x, rngs=rngs, conditions=conditions, held=held)
+      terms = held.hidden[name], held.logits[name]
+      if head.own is not None:
+        per_feature = held.features.reshape(*held.features.shape[:-1], HELD_FEATURES, NUM_PITCHES)
+        own = jnp.take_along_axis(per_feature, before["pitch"][..., None, None], axis=-1)[..., 0]
+        terms = (terms[0] + dense(own.astype(head.own.dtype), head.own.kernel.value.astype(head.own.dtype)),
+                 terms[1] + dense(own, head.own_out.kernel.value))
+    return head(x, rngs=rngs, conditions=conditions, held=terms)
 
   @property
   def reads_held(self) -> bool:
@@ -344,6 +376,7 @@ class MusicLSTM(nnx.Module):
     if targets is None:
       raise ValueError("distribution heads need the targets to read: pass targets, or draw with sampling")
     before = distributions.classes(targets, self.time_bins)
+    held = self.read_held(held) if self.reads_held else None
     return {f"{name}_logits": self.head_logits(name, features, before, held, isolate_heads=isolate_heads,
                                                rngs=rngs)
             for name in self.order}

@@ -158,12 +158,12 @@ def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, se
   `allowed_classes`), pitch with temperature, top-k and top-p, time and velocity with their own
   temperatures; dt uniform inside its time bin."""
   sounding = held >= 0
+  held_terms = model.read_held(held) if model.reads_held else None
   sub_keys = jax.vmap(lambda key: jax.random.split(key, len(model.order) + 1))(keys)
   temperatures = {"time": settings.time_temperature, "velocity": settings.velocity_temperature}
   drawn = {}
   for i, name in enumerate(model.order):
-    logits = model.head_logits(name, features, drawn, held if model.reads_held else None, isolate_heads=False,
-                               rngs=None)
+    logits = model.head_logits(name, features, drawn, held_terms, isolate_heads=False, rngs=None)
     logits = jnp.where(allowed_classes(name, drawn, sounding, logits.shape[-1]), logits, -jnp.inf)
     if name == "pitch":
       drawn[name] = sample_pitch(sub_keys[:, i], logits, settings)

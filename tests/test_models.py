@@ -157,24 +157,25 @@ def test_distribution_heads_read_which_pitches_are_held_and_for_how_long():
   silent = jnp.full((4, 128), -1.0)
   held = [silent.at[:, 60].set(seconds) for seconds in (0.1, 2.0)]
   for name in model.order:
-    logits = [model.head_logits(name, features, before, h, isolate_heads=False, rngs=None) for h in (silent, *held)]
+    logits = [model.head_logits(name, features, before, model.read_held(h), isolate_heads=False, rngs=None)
+              for h in (silent, *held)]
     assert not np.allclose(logits[0], logits[1]) and not np.allclose(logits[1], logits[2]), name
 
 
 def test_heads_after_the_pitch_read_whether_the_event_releases_it_and_its_age():
-  """Those features sit in the last rows of a head's held projections (sounds, then age): with every other
-  row zeroed, the velocity head (after the pitch) changes with what is held at the drawn pitch only."""
+  """With the projections of every pitch's features zeroed, the velocity head (after the pitch) still
+  changes with what is held at the drawn pitch, and only there."""
   model = tiny_model()
   assert model.order.index("pitch") < model.order.index("velocity")
   head = model.velocity_head
-  assert head.held.kernel.shape[0] == 2 * 129 and model.pitch_head.held.kernel.shape[0] == 2 * 128
-  own_rows = jnp.zeros(2 * 129, bool).at[128].set(True).at[257].set(True)
+  assert head.own.kernel.shape[0] == 2 and model.pitch_head.own is None
   for projection in (head.held, head.held_out):
-    projection.kernel.value = jnp.where(own_rows[:, None], 0.5, 0.0) * jnp.ones_like(projection.kernel.value)
+    projection.kernel.value = jnp.zeros_like(projection.kernel.value)
+  head.own_out.kernel.value = jnp.full_like(head.own_out.kernel.value, 0.5)
   features = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64)), jnp.float32)
   before = {"pitch": jnp.asarray([60, 61]), "velocity": jnp.full((2,), 80), "time": jnp.full((2,), 3)}
   silent = jnp.full((2, 128), -1.0)
-  logits = [model.head_logits("velocity", features, before, h, isolate_heads=False, rngs=None)
+  logits = [model.head_logits("velocity", features, before, model.read_held(h), isolate_heads=False, rngs=None)
             for h in (silent, silent.at[:, 60].set(0.5), silent.at[:, 60].set(3.0))]
   assert not np.allclose(logits[0][0], logits[1][0]) and not np.allclose(logits[1][0], logits[2][0])
   np.testing.assert_array_equal(logits[0][1], logits[1][1])  # Pitch 61 drawn: 60's state is not its own.

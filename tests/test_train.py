@@ -266,10 +266,11 @@ def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   assert len(operands) >= 30  # The LSTM layers' and the three heads' matmuls, forward and backward.
   float32 = [pair for pair in operands if not all(t.endswith("xbf16") for t in pair)]
   # Their inputs: the last hidden layer's outputs, or the held-pitch features of the output skips (256 of every
-  # pitch, and 2 more of the event's own pitch for the heads after the pitch).
-  output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), "256", "258"}
-  # Per head: the output layer's forward pass and both gradients, the skip's forward pass and kernel gradient.
-  assert len(float32) == 15, float32
+  # pitch, read by the three heads; 2 of the event's own pitch, by the two heads after it).
+  output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), "256", "2"}
+  # The output layers' forward passes and both gradients (3 x 3), the skips' forward passes and kernel
+  # gradients (3 x 2 of every pitch, 2 x 2 of the own pitch).
+  assert len(float32) == 19, float32
   for pair in float32:
     assert all(t.endswith("xf32") for t in pair) and any(output_inputs & set(t.split("x")[:-1]) for t in pair), pair
 
