@@ -49,9 +49,16 @@ def time_class(dt: jax.Array, bins: TimeBins) -> jax.Array:
   return jnp.clip(jnp.ceil(dt / bins.width), 0, bins.count - 1).astype(jnp.int32)
 
 
+EDGE_MARGIN = 1e-3  # Share of a bin kept clear at each edge by a drawn dt.
+
+
 def dt_of_class(time_class_: jax.Array, uniform: jax.Array, bins: TimeBins) -> jax.Array:
-  """dt in seconds drawn in a time class from `uniform` in [0, 1): exactly 0 for class 0."""
-  return jnp.where(time_class_ > 0, (time_class_ - uniform) * bins.width, 0.0).astype(jnp.float32)
+  """dt in seconds drawn in a time class from `uniform` in [0, 1): exactly 0 for class 0. The draw keeps
+  EDGE_MARGIN of the bin clear at each edge, so that the float32 dt reads back as its class (a dt on an
+  edge may round into the next bin, and the heads drawn after the time would read another class than
+  the file holds)."""
+  inside = EDGE_MARGIN + (1.0 - 2.0 * EDGE_MARGIN) * uniform
+  return jnp.where(time_class_ > 0, (time_class_ - inside) * bins.width, 0.0).astype(jnp.float32)
 
 
 def velocity_class(velocity: jax.Array) -> jax.Array:

@@ -146,7 +146,8 @@ class LSTMLayer(nnx.Module):
 
 
 SILENT = -1.0  # The `held` value of a pitch that does not sound.
-HELD_FEATURES = 2  # Per pitch: whether it sounds, and for how long (log-scaled).
+AGE_STEP = 0.5  # Spacing of the age grid in log1p(age / 10 ms).
+AGE_POINTS = 19  # Grid points 0, 0.5, ..., 9: ages 0 to 81 s; older notes read as the last point.
 
 
 def held_pitches(pitch: jax.Array, dt: jax.Array, velocity: jax.Array, before: jax.Array | None = None) -> jax.Array:
@@ -164,11 +165,29 @@ def held_pitches(pitch: jax.Array, dt: jax.Array, velocity: jax.Array, before: j
   return jnp.where(latest >= 0, jnp.where(onset, since_latest, SILENT), carried)
 
 
-def held_features(held: jax.Array) -> jax.Array:
-  """What the heads read of `held` [..., P] (P pitches): whether each sounds, then log1p(its time / 10 ms)."""
-  sounding = held >= 0
-  duration = jnp.where(sounding, jnp.log1p(jnp.maximum(held, 0.0) / DT_INPUT_SCALE), 0.0)
-  return jnp.concatenate([sounding.astype(held.dtype), duration], axis=-1)
+def age_weights(held: jax.Array) -> jax.Array:
+  """Each pitch's age on the age grid [..., P, AGE_POINTS] from `held` [..., P]: the two grid points around
+  log1p(age / 10 ms) weighted by nearness (summing to 1), all zero for a silent pitch. A function of the age
+  read through these weights is piecewise linear in the log age: the chance of a release may rise and fall."""
+  position = jnp.clip(jnp.log1p(jnp.maximum(held, 0.0) / DT_INPUT_SCALE) / AGE_STEP, 0.0, AGE_POINTS - 1)
+  weights = jnp.maximum(1.0 - jnp.abs(position[..., None] - jnp.arange(AGE_POINTS)), 0.0)
+  return jnp.where((held >= 0)[..., None], weights, 0.0)
+
+
+class HeldTerms(NamedTuple):
+  """The held pitches as the heads read them, computed once per position for all heads: which pitches
+  sound [..., 128], each pitch's `age_weights` [..., 128, AGE_POINTS], and their sum over the pitches
+  [..., AGE_POINTS], how many notes of each age sound."""
+
+  sounding: jax.Array
+  ages: jax.Array
+  census: jax.Array
+
+
+def read_held(held: jax.Array) -> HeldTerms:
+  """The `HeldTerms` of the pitches `held` [..., 128] after an input event (`held_pitches`)."""
+  ages = age_weights(held)
+  return HeldTerms(held >= 0, ages, ages.sum(-2))
 
 
 class Head(nnx.Module):
@@ -176,14 +195,17 @@ class Head(nnx.Module):
 
   A head may read sub-events of the same event besides the features (`condition_classes`, the class
   count of each): each adds a learned row to the first layer's pre-activation, as a one-hot input would.
-  A head may also read the held pitches (`HeldTerms`): every pitch's features and, with `reads_own`, those
-  of the event's drawn pitch, each through a projection into the same layer and one straight into the
-  output (zero at first), so that "release a pitch held this long" is a few weights a pitch.
+  A head may read the held pitches (`HeldTerms`): how many notes of each age sound, into its first layer;
+  with `reads_own`, the age of the event's drawn pitch (zero for an onset), into its first layer and its
+  output. The pitch head (`per_pitch`) also reads which pitches sound into its first layer, scores an
+  onset and a release of every pitch apart (two logits a pitch), and a release also by the age of its
+  note, weighted by the head's last layer: the same weights for every pitch, so that "release the notes
+  held too long" is learned once for the whole keyboard.
   """
 
   def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
                dtype: Any, param_dtype: Any, rngs: nnx.Rngs, condition_classes: tuple[int, ...] = (),
-               reads_held: bool = False, reads_own: bool = False):
+               reads_held: bool = False, reads_own: bool = False, per_pitch: bool = False):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
         nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
@@ -191,54 +213,54 @@ class Head(nnx.Module):
                                           embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
                                 for count in condition_classes])
 
-    def projections(features: int) -> tuple[nnx.Linear, nnx.Linear]:
-      return (nnx.Linear(features, widths[0], use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-              nnx.Linear(features, out_features, use_bias=False, kernel_init=nnx.initializers.zeros,
-                         dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs))
+    def linear(features: int, out: int, **kwargs: Any) -> nnx.Linear:
+      return nnx.Linear(features, out, param_dtype=param_dtype, rngs=rngs, **kwargs)
 
-    self.held, self.held_out = projections(HELD_FEATURES * NUM_PITCHES) if reads_held else (None, None)
-    self.own, self.own_out = projections(HELD_FEATURES) if reads_own else (None, None)
+    zeros = {"kernel_init": nnx.initializers.zeros, "dtype": jnp.float32}
+    self.census = linear(AGE_POINTS, widths[0], use_bias=False, dtype=dtype) if reads_held else None
+    self.own = linear(AGE_POINTS, widths[0], use_bias=False, dtype=dtype) if reads_own else None
+    self.own_out = linear(AGE_POINTS, out_features, use_bias=False, **zeros) if reads_own else None
+    self.sounding = linear(NUM_PITCHES, widths[0], use_bias=False, dtype=dtype) if per_pitch else None
+    self.release_age = linear(widths[-1], AGE_POINTS, **zeros) if per_pitch else None
     # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
     # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
-    self.out = nnx.Linear(sizes[-1], out_features, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    self.out = linear(sizes[-1], out_features * (2 if per_pitch else 1), dtype=jnp.float32)
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = (),
-               held: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+               held: HeldTerms | None = None, own: jax.Array | None = None) -> jax.Array:
     """Applies the head to `x` [..., features], the class ids `conditions` (each shaped [...]) and, where it
-    reads them, the held pitches' terms `held` (added to the first layer [..., width], to the output
-    [..., out_features]; see `MusicLSTM.head_logits`). All leading
-    axes are folded into one first: with a single row axis the weight gradients are plain matmuls, where
-    with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward pass
-    took twice as long on CPU)."""
+    reads them, the held pitches `held` and the drawn pitch's `age_weights` `own` [..., AGE_POINTS]. All
+    leading axes are folded into one first: with a single row axis the weight gradients are plain matmuls,
+    where with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward
+    pass took twice as long on CPU)."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     if held is not None:
-      held = tuple(term.reshape(-1, term.shape[-1]) for term in held)
+      held = HeldTerms(*(term.reshape(-1, *term.shape[len(lead):]) for term in held))
+    if own is not None:
+      own = own.reshape(-1, own.shape[-1])
     for depth, layer in enumerate(self.hidden):
       kernel, bias = layer.kernel.value.astype(layer.dtype), layer.bias.value.astype(layer.dtype)
       x = dense(x.astype(layer.dtype), kernel) + bias
       if depth == 0:
         for table, ids in zip(self.conditions, conditions):
           x = x + table(ids.reshape(-1))
-        if held is not None:
-          x = x + held[0].astype(layer.dtype)
+        held_inputs = (None, None) if held is None else (held.census, held.sounding)
+        for projection, value in ((self.census, held_inputs[0]), (self.sounding, held_inputs[1]), (self.own, own)):
+          if projection is not None:
+            x = x + dense(value.astype(layer.dtype), projection.kernel.value.astype(layer.dtype))
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
     logits = self.out(x)
-    if held is not None:
-      logits = logits + held[1]
+    if self.own_out is not None:
+      logits = logits + dense(own, self.own_out.kernel.value)
+    if self.release_age is not None:
+      onset, release = jnp.split(logits, 2, axis=-1)
+      release = release + jnp.einsum("ra,rpa->rp", self.release_age(x), held.ages)
+      logits = jnp.where(held.sounding, release, onset)
     return logits.reshape(*lead, -1)
-
-
-class HeldTerms(NamedTuple):
-  """The held pitches as the heads read them: every pitch's `held_features` [..., 256], computed once for
-  all heads, and per head their projections into its first layer and into its output."""
-
-  features: jax.Array
-  hidden: dict[str, jax.Array]
-  logits: dict[str, jax.Array]
 
 
 class MusicLSTM(nnx.Module):
@@ -287,7 +309,7 @@ class MusicLSTM(nnx.Module):
       return Head(config.hidden, widths, 1 if regression and name != "pitch" else class_counts[name],
                   dropout=config.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                   condition_classes=tuple(class_counts[b] for b in before), reads_held=reads_held,
-                  reads_own=reads_held and "pitch" in before)
+                  reads_own=reads_held and "pitch" in before, per_pitch=reads_held and name == "pitch")
 
     self.pitch_head = head("pitch")
     self.time_head = head("time")
@@ -325,43 +347,24 @@ class MusicLSTM(nnx.Module):
   def head_modules(self) -> dict[str, Head]:
     return {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}
 
-  def read_held(self, held: jax.Array) -> HeldTerms:
-    """The heads' terms [...] of the pitches held [..., 128] after the input event (`held_pitches`). Each
-    head's projections are matmuls of their own: on a CPU one matmul into the three heads' kernels side by
-    side (768 columns) ran at 60% of the speed of three of 256."""
-    features = held_features(held)
-    rows = features.reshape(-1, features.shape[-1])
-
-    def project(layer: nnx.Linear) -> jax.Array:
-      return dense(rows.astype(layer.dtype), layer.kernel.value.astype(layer.dtype)).reshape(*held.shape[:-1], -1)
-
-    heads = self.head_modules()
-    return HeldTerms(features, {name: project(head.held) for name, head in heads.items()},
-                     {name: project(head.held_out) for name, head in heads.items()})
-
   def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array],
                   held: HeldTerms | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> jax.Array:
     """The output of sub-event `name`'s head from the features [..., hidden], the classes [...] of the
     sub-events before it in `self.order` (`before` may hold more; only those are read) and, for heads
-    that read them, the held pitches (`read_held`): every pitch's terms and, once the event's pitch is
-    drawn, that pitch's own features (whether this event releases it, and a note of what age)."""
+    that read them, the held pitches (`read_held`) and, once the event's pitch is drawn, that pitch's age
+    (none for an onset)."""
     head = self.head_modules()[name]
     x = jax.lax.stop_gradient(features) if isolate_heads and name != "pitch" else features
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
-    terms = None
-    if head.held is not None:
-      terms = held.hidden[name], held.logits[name]
-      if head.own is not None:
-        per_feature = held.features.reshape(*held.features.shape[:-1], HELD_FEATURES, NUM_PITCHES)
-        own = jnp.take_along_axis(per_feature, before["pitch"][..., None, None], axis=-1)[..., 0]
-        terms = (terms[0] + dense(own.astype(head.own.dtype), head.own.kernel.value.astype(head.own.dtype)),
-                 terms[1] + dense(own, head.own_out.kernel.value))
-    return head(x, rngs=rngs, conditions=conditions, held=terms)
+    own = None
+    if head.own is not None:
+      own = jnp.take_along_axis(held.ages, before["pitch"][..., None, None], axis=-2)[..., 0, :]
+    return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own)
 
   @property
   def reads_held(self) -> bool:
     """Whether the heads read which pitches sound (distribution heads over velocity-reading inputs)."""
-    return self.pitch_head.held is not None
+    return self.pitch_head.census is not None
 
   def heads(self, features: jax.Array, targets: Mapping[str, jax.Array] | None = None,
             held: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
@@ -376,7 +379,7 @@ class MusicLSTM(nnx.Module):
     if targets is None:
       raise ValueError("distribution heads need the targets to read: pass targets, or draw with sampling")
     before = distributions.classes(targets, self.time_bins)
-    held = self.read_held(held) if self.reads_held else None
+    held = read_held(held) if self.reads_held else None
     return {f"{name}_logits": self.head_logits(name, features, before, held, isolate_heads=isolate_heads,
                                                rngs=rngs)
             for name in self.order}

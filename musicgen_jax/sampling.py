@@ -158,7 +158,7 @@ def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, se
   `allowed_classes`), pitch with temperature, top-k and top-p, time and velocity with their own
   temperatures; dt uniform inside its time bin."""
   sounding = held >= 0
-  held_terms = model.read_held(held) if model.reads_held else None
+  held_terms = models.read_held(held) if model.reads_held else None
   sub_keys = jax.vmap(lambda key: jax.random.split(key, len(model.order) + 1))(keys)
   temperatures = {"time": settings.time_temperature, "velocity": settings.velocity_temperature}
   drawn = {}

@@ -157,28 +157,57 @@ def test_distribution_heads_read_which_pitches_are_held_and_for_how_long():
   silent = jnp.full((4, 128), -1.0)
   held = [silent.at[:, 60].set(seconds) for seconds in (0.1, 2.0)]
   for name in model.order:
-    logits = [model.head_logits(name, features, before, model.read_held(h), isolate_heads=False, rngs=None)
+    logits = [model.head_logits(name, features, before, models.read_held(h), isolate_heads=False, rngs=None)
               for h in (silent, *held)]
     assert not np.allclose(logits[0], logits[1]) and not np.allclose(logits[1], logits[2]), name
 
 
 def test_heads_after_the_pitch_read_whether_the_event_releases_it_and_its_age():
-  """With the projections of every pitch's features zeroed, the velocity head (after the pitch) still
-  changes with what is held at the drawn pitch, and only there."""
+  """With the count of held notes by age zeroed, the velocity head (after the pitch) still changes with
+  what is held at the drawn pitch, and only there."""
   model = tiny_model()
   assert model.order.index("pitch") < model.order.index("velocity")
   head = model.velocity_head
-  assert head.own.kernel.shape[0] == 2 and model.pitch_head.own is None
-  for projection in (head.held, head.held_out):
-    projection.kernel.value = jnp.zeros_like(projection.kernel.value)
+  assert head.own.kernel.shape[0] == models.AGE_POINTS and model.pitch_head.own is None
+  head.census.kernel.value = jnp.zeros_like(head.census.kernel.value)
   head.own_out.kernel.value = jnp.full_like(head.own_out.kernel.value, 0.5)
   features = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64)), jnp.float32)
   before = {"pitch": jnp.asarray([60, 61]), "velocity": jnp.full((2,), 80), "time": jnp.full((2,), 3)}
   silent = jnp.full((2, 128), -1.0)
-  logits = [model.head_logits("velocity", features, before, model.read_held(h), isolate_heads=False, rngs=None)
+  logits = [model.head_logits("velocity", features, before, models.read_held(h), isolate_heads=False, rngs=None)
             for h in (silent, silent.at[:, 60].set(0.5), silent.at[:, 60].set(3.0))]
   assert not np.allclose(logits[0][0], logits[1][0]) and not np.allclose(logits[1][0], logits[2][0])
   np.testing.assert_array_equal(logits[0][1], logits[1][1])  # Pitch 61 drawn: 60's state is not its own.
+
+
+def test_the_pitch_head_scores_a_release_by_its_note_age_and_an_onset_apart():
+  """With what the first layer reads of the held pitches zeroed, the age of pitch 60's note moves pitch 60's
+  logit and no other, and the logits of silent pitches are those of an empty keyboard."""
+  model = tiny_model()
+  head = model.pitch_head
+  for projection in (head.census, head.sounding):
+    projection.kernel.value = jnp.zeros_like(projection.kernel.value)
+  rng = np.random.default_rng(1)
+  head.release_age.kernel.value = jnp.asarray(rng.normal(size=head.release_age.kernel.shape), jnp.float32)
+  features = jnp.asarray(rng.normal(size=(1, 64)), jnp.float32)
+  silent = jnp.full((1, 128), -1.0)
+  logits = [np.asarray(model.head_logits("pitch", features, {}, models.read_held(h), isolate_heads=False,
+                                         rngs=None))[0]
+            for h in (silent, silent.at[:, [60, 72]].set(0.1), silent.at[:, [60, 72]].set([5.0, 0.1]))]
+  assert np.flatnonzero(logits[1] != logits[2]).tolist() == [60]
+  assert np.flatnonzero(logits[0] != logits[1]).tolist() == [60, 72]
+
+
+def test_age_weights_place_each_sounding_note_on_the_log_age_grid():
+  held = jnp.asarray([[-1.0, 0.0, 0.004, 0.05, 1.3, 30.0, 500.0]])
+  weights = np.asarray(models.age_weights(held))[0]
+  np.testing.assert_array_equal(weights[0], 0.0)
+  np.testing.assert_allclose(weights[1:].sum(-1), 1.0, rtol=1e-6)
+  grid = np.arange(models.AGE_POINTS) * models.AGE_STEP
+  log_age = np.log1p(np.asarray(held[0, 1:6]) / models.DT_INPUT_SCALE)
+  np.testing.assert_allclose(weights[1:6] @ grid, log_age, rtol=1e-5)
+  assert weights[6, -1] == 1.0  # Older than the grid: the last point.
+  assert ((weights[1:] > 0).sum(-1) <= 2).all()
 
 
 def test_the_window_starts_with_the_pitches_held_before_it():

@@ -459,7 +459,7 @@ def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order):
   # Randomized probability integral transform: uniform on [0, 1) exactly when each class is drawn with
   # the modelled probability given the sub-events before it.
   for name in model.order:
-    logits = model.head_logits(name, features, drawn, model.read_held(held), isolate_heads=False, rngs=None)
+    logits = model.head_logits(name, features, drawn, models.read_held(held), isolate_heads=False, rngs=None)
     allowed = sampling.allowed_classes(name, drawn, sounding, logits.shape[-1])
     probs = np.asarray(jax.nn.softmax(jnp.where(allowed, logits / temperatures[name], -jnp.inf)), np.float64)
     k = np.asarray(drawn[name])

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from musicgen_jax import checkpointing, plots, steps, store, train
+from musicgen_jax import checkpointing, models, plots, steps, store, train
 from musicgen_jax.config import apply_overrides, load_config, read_config
 from musicgen_jax.errors import UserError
 
@@ -254,7 +254,7 @@ def test_loss_decreases_on_a_tiny_real_corpus(maestro, tmp_path):
 def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   """An accelerator runs a float32 matmul as several bfloat16 ones: in a bfloat16 step every matmul,
   forward and backward, reads bfloat16 operands (accumulating in float32), except the three heads'
-  output layers and held-pitch skips, which are float32 by design."""
+  output layers and what is added to their outputs, which are float32 by design."""
   config = apply_overrides(load_config("tiny"), ("model.dtype=bfloat16",))
   trainer = steps.Trainer(config)
   rows = (config.train.batch_size, config.data.window)
@@ -265,12 +265,13 @@ def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   operands = re.findall(r"stablehlo\.dot_general [^\n]*: \(tensor<([^>]*)>, tensor<([^>]*)>\)", hlo)
   assert len(operands) >= 30  # The LSTM layers' and the three heads' matmuls, forward and backward.
   float32 = [pair for pair in operands if not all(t.endswith("xbf16") for t in pair)]
-  # Their inputs: the last hidden layer's outputs, or the held-pitch features of the output skips (256 of every
-  # pitch, read by the three heads; 2 of the event's own pitch, by the two heads after it).
-  output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), "256", "2"}
-  # The output layers' forward passes and both gradients (3 x 3), the skips' forward passes and kernel
-  # gradients (3 x 2 of every pitch, 2 x 2 of the own pitch).
-  assert len(float32) == 19, float32
+  # Their inputs: the last hidden layer's outputs, or the age weights (of the drawn pitch, of every pitch).
+  output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), str(models.AGE_POINTS)}
+  # The output layers' forward passes and both gradients (3 x 3); the drawn pitch's age into the outputs of
+  # the two heads after the pitch, forward and kernel gradient (2 x 2); the pitch head's release-age weights
+  # from its last layer, forward and both gradients (3), and their product with every pitch's age weights,
+  # forward and the weights' gradient (2).
+  assert len(float32) == 18, float32
   for pair in float32:
     assert all(t.endswith("xf32") for t in pair) and any(output_inputs & set(t.split("x")[:-1]) for t in pair), pair
 
