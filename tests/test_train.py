@@ -269,9 +269,8 @@ def test_bfloat16_train_step_runs_its_matmuls_on_bfloat16_operands():
   output_inputs = {str(config.model.hidden // config.model.head_divisors[-1]), str(models.AGE_POINTS)}
   # The output layers' forward passes and both gradients (3 x 3); the drawn pitch's age into the outputs of
   # the two heads after the pitch, forward and kernel gradient (2 x 2); the pitch head's release-age weights
-  # from its last layer, forward and both gradients (3), and their product with every pitch's age weights,
-  # forward and the weights' gradient (2).
-  assert len(float32) == 18, float32
+  # from its last layer, forward and both gradients (3).
+  assert len(float32) == 16, float32
   for pair in float32:
     assert all(t.endswith("xf32") for t in pair) and any(output_inputs & set(t.split("x")[:-1]) for t in pair), pair
 
