@@ -174,20 +174,26 @@ def age_weights(held: jax.Array) -> jax.Array:
   return jnp.where((held >= 0)[..., None], weights, 0.0)
 
 
-class HeldTerms(NamedTuple):
-  """The held pitches as the heads read them, computed once per position for all heads: which pitches
-  sound [..., 128], each pitch's `age_weights` [..., 128, AGE_POINTS], and their sum over the pitches
-  [..., AGE_POINTS], how many notes of each age sound."""
+def read_by_age(values: jax.Array, held: jax.Array) -> jax.Array:
+  """Each pitch's value [..., P] read at its note's age from `values` [..., AGE_POINTS] on the age grid
+  (`age_weights`; 0 for a silent pitch). Written as a product summed over the grid rather than as a
+  matmul, whose operand would be the [..., P, AGE_POINTS] weights."""
+  return jnp.sum(values[..., None, :] * age_weights(held), axis=-1)
 
+
+class HeldTerms(NamedTuple):
+  """The held pitches as the heads read them: `held` itself [..., 128] (`held_pitches`), which pitches
+  sound [..., 128], and how many notes of each age sound [..., AGE_POINTS] (`age_weights` summed over the
+  pitches), computed once per position for all heads."""
+
+  held: jax.Array
   sounding: jax.Array
-  ages: jax.Array
   census: jax.Array
 
 
 def read_held(held: jax.Array) -> HeldTerms:
   """The `HeldTerms` of the pitches `held` [..., 128] after an input event (`held_pitches`)."""
-  ages = age_weights(held)
-  return HeldTerms(held >= 0, ages, ages.sum(-2))
+  return HeldTerms(held, held >= 0, age_weights(held).sum(-2))
 
 
 class Head(nnx.Module):
@@ -258,7 +264,7 @@ class Head(nnx.Module):
       logits = logits + dense(own, self.own_out.kernel.value)
     if self.release_age is not None:
       onset, release = jnp.split(logits, 2, axis=-1)
-      release = release + jnp.einsum("ra,rpa->rp", self.release_age(x), held.ages)
+      release = release + read_by_age(self.release_age(x), held.held)
       logits = jnp.where(held.sounding, release, onset)
     return logits.reshape(*lead, -1)
 
@@ -358,7 +364,7 @@ class MusicLSTM(nnx.Module):
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
     own = None
     if head.own is not None:
-      own = jnp.take_along_axis(held.ages, before["pitch"][..., None, None], axis=-2)[..., 0, :]
+      own = age_weights(jnp.take_along_axis(held.held, before["pitch"][..., None], axis=-1)[..., 0])
     return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own)
 
   @property
