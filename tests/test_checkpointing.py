@@ -40,14 +40,14 @@ def mount_tmpfs(folder: Path, size: str) -> None:
 
 
 def fill(folder: Path) -> None:
-  """Writes into `folder` until its file system is full."""
-  with (folder / "filler").open("wb") as filler:
-    try:
+  """Writes into `folder` until its file system is full (one already full refuses even the new file)."""
+  try:
+    with (folder / "filler").open("wb") as filler:
       while True:
         filler.write(b"\0" * (1 << 16))
         filler.flush()
-    except OSError as error:
-      assert error.errno == errno.ENOSPC
+  except OSError as error:
+    assert error.errno == errno.ENOSPC
 
 
 def break_disk_after_first_checkpoint(checkpoints: Path, how: str):
