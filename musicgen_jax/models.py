@@ -174,26 +174,27 @@ def age_weights(held: jax.Array) -> jax.Array:
   return jnp.where((held >= 0)[..., None], weights, 0.0)
 
 
-def read_by_age(values: jax.Array, held: jax.Array) -> jax.Array:
-  """Each pitch's value [..., P] read at its note's age from `values` [..., AGE_POINTS] on the age grid
-  (`age_weights`; 0 for a silent pitch). Written as a product summed over the grid rather than as a
-  matmul, whose operand would be the [..., P, AGE_POINTS] weights."""
-  return jnp.sum(values[..., None, :] * age_weights(held), axis=-1)
+def read_by_age(values: jax.Array, ages: jax.Array) -> jax.Array:
+  """Each pitch's value [..., P] read at its note's age from `values` [..., AGE_POINTS] on the age grid,
+  given the pitches' `age_weights` `ages` [..., P, AGE_POINTS] (0 for a silent pitch). Written as a
+  product summed over the grid rather than as a batched matmul over the weights."""
+  return jnp.sum(values[..., None, :] * ages, axis=-1)
 
 
 class HeldTerms(NamedTuple):
-  """The held pitches as the heads read them: `held` itself [..., 128] (`held_pitches`), which pitches
-  sound [..., 128], and how many notes of each age sound [..., AGE_POINTS] (`age_weights` summed over the
-  pitches), computed once per position for all heads."""
+  """The held pitches as the heads read them, computed once per position for all heads: which pitches
+  sound [..., 128], each pitch's `age_weights` [..., 128, AGE_POINTS], and their sum over the pitches
+  [..., AGE_POINTS], how many notes of each age sound."""
 
-  held: jax.Array
   sounding: jax.Array
+  ages: jax.Array
   census: jax.Array
 
 
 def read_held(held: jax.Array) -> HeldTerms:
   """The `HeldTerms` of the pitches `held` [..., 128] after an input event (`held_pitches`)."""
-  return HeldTerms(held, held >= 0, age_weights(held).sum(-2))
+  ages = age_weights(held)
+  return HeldTerms(held >= 0, ages, ages.sum(-2))
 
 
 class Head(nnx.Module):
@@ -252,8 +253,9 @@ class Head(nnx.Module):
       if depth == 0:
         for table, ids in zip(self.conditions, conditions):
           x = x + table(ids.reshape(-1))
-        held_inputs = (None, None) if held is None else (held.census, held.sounding)
-        for projection, value in ((self.census, held_inputs[0]), (self.sounding, held_inputs[1]), (self.own, own)):
+        read = [(self.own, own)] if held is None else [(self.census, held.census), (self.sounding, held.sounding),
+                                                        (self.own, own)]
+        for projection, value in read:
           if projection is not None:
             x = x + dense(value.astype(layer.dtype), projection.kernel.value.astype(layer.dtype))
       if rngs is not None:
@@ -264,7 +266,7 @@ class Head(nnx.Module):
       logits = logits + dense(own, self.own_out.kernel.value)
     if self.release_age is not None:
       onset, release = jnp.split(logits, 2, axis=-1)
-      release = release + read_by_age(self.release_age(x), held.held)
+      release = release + read_by_age(self.release_age(x), held.ages)
       logits = jnp.where(held.sounding, release, onset)
     return logits.reshape(*lead, -1)
 
@@ -302,8 +304,6 @@ class MusicLSTM(nnx.Module):
     regression = config.heads == "regression"
     # Distribution heads read which pitches sound, where the inputs tell onsets from releases.
     reads_held = not regression and config.inputs == "pitch+dt+velocity"
-
-
     self.order = ("pitch", "time", "velocity") if regression else tuple(config.order)
     if sorted(self.order) != sorted(distributions.SUB_EVENTS):
       raise ValueError(f"model.order must name each of {distributions.SUB_EVENTS} once, not {config.order!r}")
@@ -364,7 +364,7 @@ class MusicLSTM(nnx.Module):
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
     own = None
     if head.own is not None:
-      own = age_weights(jnp.take_along_axis(held.held, before["pitch"][..., None], axis=-1)[..., 0])
+      own = jnp.take_along_axis(held.ages, before["pitch"][..., None, None], axis=-2)[..., 0, :]
     return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own)
 
   @property

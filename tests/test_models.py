@@ -209,7 +209,8 @@ def test_age_weights_place_each_sounding_note_on_the_log_age_grid():
   assert weights[6, -1] == 1.0  # Older than the grid: the last point.
   assert ((weights[1:] > 0).sum(-1) <= 2).all()
   values = jnp.asarray(np.random.default_rng(0).normal(size=(1, models.AGE_POINTS)), jnp.float32)
-  np.testing.assert_allclose(models.read_by_age(values, held)[0], weights @ values[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(models.read_by_age(values, models.age_weights(held))[0], weights @ values[0],
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_the_window_starts_with_the_pitches_held_before_it():
