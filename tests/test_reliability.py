@@ -374,6 +374,9 @@ def cached_files(out: Path) -> int:
   return len(list((out / prepare.CACHE_DIR).glob("*.npz")))
 
 
+MAX_FINISHED_BEFORE_KILL = 8  # Reruns that may end before their moment, over all rounds.
+
+
 def kill_prepare(tmp: Path, rounds: int, kills_per_round: int, seed: int) -> dict:
   """Prepares a corpus uninterrupted, then `rounds` times into a new folder: SIGKILLs at seeded moments of
   the uninterrupted run's duration, checking after each that the folder has no manifest or the exact store,
@@ -390,11 +393,15 @@ def kill_prepare(tmp: Path, rounds: int, kills_per_round: int, seed: int) -> dic
   kills_by_phase, finished_before_kill, lost = collections.Counter(), 0, 0
   for round_ in range(rounds):
     out = tmp / f"killed-{round_}"
-    for _ in range(kills_per_round):
+    killed = 0
+    # A rerun reuses the files read before, so it may finish before its moment (more often on a loaded
+    # machine, where the uninterrupted run's duration was measured under another load): draw again.
+    while killed < kills_per_round and finished_before_kill < MAX_FINISHED_BEFORE_KILL:
       cached = cached_files(out) if out.exists() else 0
       if not run_and_kill(command(out), after(rng.uniform(0.2, duration)), tmp / "prepare.log"):
         finished_before_kill += 1
         continue
+      killed += 1
       now_cached = cached_files(out) if out.exists() else 0
       phase = "writing the store" if now_cached == files else "reading files" if now_cached > cached else "starting"
       kills_by_phase[phase] += 1
