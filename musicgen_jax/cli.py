@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   tr = command("train", cmd_train, "Train a run, or resume it from its latest checkpoint. Ctrl+C saves and exits.")
   tr.add_argument("--workdir", required=True, metavar="RUN", help="run folder (config, checkpoints, logs)")
-  tr.add_argument("--config", metavar="FILE|NAME", help="config file or bundled name: default, tiny, original")
+  tr.add_argument("--config", metavar="FILE|NAME", help="config file or bundled name: default, tiny, demo, original")
   tr.add_argument("--data", metavar="DIR", help="prepared corpus from `musicgen prepare` (sets data.dir)")
   tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=5000")
   tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
   cf.add_argument("--workdir", metavar="RUN", help="print this run's saved config instead")
   cf.add_argument("overrides", nargs="*", metavar="key=value", help="overrides to apply first")
 
-  demo = command("demo", cmd_demo, "Prepare Bach chorales from music21, train the tiny model, write samples.")
+  demo = command("demo", cmd_demo, "Prepare Bach chorales from music21, train the demo model, write samples.")
   demo.add_argument("--home", default=str(paths.home()), help="where the demo's data, run and outputs go")
   demo.add_argument("--steps", type=positive_int, default=3000, help="training steps (default 3000)")
 

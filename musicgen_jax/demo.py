@@ -1,7 +1,7 @@
 """`musicgen demo`: the whole job end to end on data that ships with a dependency, no network needed.
 
 The Bach chorales of music21's corpus are converted once to MIDI (cached), prepared, used to train
-the tiny config for a few minutes on the CPU, and the run writes a handful of new MIDI files.
+`configs/demo.py` for a few minutes on the CPU, and the run writes a handful of new MIDI files.
 """
 
 from __future__ import annotations
@@ -41,24 +41,25 @@ def chorales_to_midi(out_dir: Path, progress: bool = True) -> Path:
 
 def run_demo(home: str | os.PathLike | None = None, *, steps: int = 3000, num_files: int = 4,
              progress: bool = True) -> list[Path]:
-  """Prepares the chorales, trains `configs/tiny.py` for `steps` steps (resuming if run before), generates."""
-  from musicgen_jax import config_checks, generate, plots, prepare, train
-  from musicgen_jax.config import apply_overrides, load_config
+  """Prepares the chorales, trains `configs/demo.py` for `steps` steps (resuming if run before), generates."""
+  from musicgen_jax import config_checks, generate, plots, prepare, rundir, train
+  from musicgen_jax.config import apply_overrides, load_config, model_differences, read_config
+  from musicgen_jax.errors import UserError
 
   root = Path(home or paths.home()) / "demo"
-  data_dir = root / "data"
-  # The chorales are written at one velocity: a loudness stretch would teach a spread they do not have.
-  config = apply_overrides(load_config("tiny"), [f"data.dir={data_dir}", f"train.steps={steps}",
-                                                 "data.loudness_stretch=0.0"])
+  data_dir, run, generated = root / "data", root / "run", root / "generated"
+  config = apply_overrides(load_config("demo"), [f"data.dir={data_dir}", f"train.steps={steps}"])
   config_checks.check(config)
+  if rundir.is_run(run) and model_differences(read_config(run), config):
+    raise UserError(f"{run} holds a demo run of another model (an earlier version's): remove that folder, "
+                    "or pass --home elsewhere, to train the demo's model afresh")
   paths.check_writable(root, "demo folder")
   midi_dir = chorales_to_midi(root / "chorales-midi", progress)
   prepare.prepare_corpus([str(midi_dir)], data_dir, workers=os.cpu_count() or 1, filter_text=None,
                          progress=progress)
-  train.train_and_evaluate(config, root / "run", progress=progress, samples=plots.log_samples)
-  files = generate.generate(root / "run", root / "generated", num=num_files, length=512,
+  train.train_and_evaluate(config, run, progress=progress, samples=plots.log_samples)
+  files = generate.generate(run, generated, num=num_files, length=512,
                             batch_size=num_files, seed=0, overwrite=True, progress=progress)
-  run, generated = root / "run", root / "generated"
   print("\n".join([
       f"Generated {len(files)} MIDI files:", *(f"  {path}" for path in files),
       f"The trained run is {run} (config.json, checkpoints/, metrics.jsonl, TensorBoard logs in tensorboard/).",

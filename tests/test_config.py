@@ -9,7 +9,7 @@ INTERFACE_KEYS = ("seed", "data.window", "train.steps", "train.batch_size", "tra
                   "train.predict_last", "model.hidden", "model.layers", "model.embed", "model.inputs")
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "original"])
+@pytest.mark.parametrize("name", ["default", "tiny", "demo", "original"])
 def test_bundled_configs_have_the_interface_keys(name):
   config = load_config(name)
   for key in INTERFACE_KEYS:
