@@ -12,8 +12,11 @@ def get_config() -> ml_collections.ConfigDict:
   with config.unlocked():
     config.data.window = 64
     config.data.eval_windows = 64
-    # The chorales are written at one velocity: a loudness stretch would teach a spread they do not have.
+    # The chorales are written at one velocity and one tempo (every beat 0.25 s): a loudness or time
+    # stretch would teach a spread they do not have (with the default time stretch the generated beats
+    # spread over 0.18-0.27 s, and the time NLL was 0.43 nats/event instead of 0.24).
     config.data.loudness_stretch = 0.0
+    config.data.time_stretch = 0.0
     config.model.embed = 32
     config.model.hidden = 128
     config.train.steps = 3000
