@@ -378,9 +378,10 @@ MAX_FINISHED_BEFORE_KILL = 8  # Reruns that may end before their moment, over al
 
 
 def kill_prepare(tmp: Path, rounds: int, kills_per_round: int, seed: int) -> dict:
-  """Prepares a corpus uninterrupted, then `rounds` times into a new folder: SIGKILLs at seeded moments of
-  the uninterrupted run's duration, checking after each that the folder has no manifest or the exact store,
-  then a rerun to the end, compared byte for byte. Returns the figures.
+  """Prepares a corpus uninterrupted, then `rounds` times into a new folder: SIGKILLs at seeded moments
+  within the time a run takes (the uninterrupted run's, or a shorter one's), checking after each that the
+  folder has no manifest or the exact store, then a rerun to the end, compared byte for byte. Returns the
+  figures.
   """
   piano_corpus(tmp / "corpus", notes=3000)
   files = len(list((tmp / "corpus").iterdir()))
@@ -394,12 +395,14 @@ def kill_prepare(tmp: Path, rounds: int, kills_per_round: int, seed: int) -> dic
   for round_ in range(rounds):
     out = tmp / f"killed-{round_}"
     killed = 0
-    # A rerun reuses the files read before, so it may finish before its moment (more often on a loaded
-    # machine, where the uninterrupted run's duration was measured under another load): draw again.
+    # A rerun reuses the files read before, and the load of the machine changes, so a run may finish
+    # before its moment: then draw again, within the time that run took.
     while killed < kills_per_round and finished_before_kill < MAX_FINISHED_BEFORE_KILL:
       cached = cached_files(out) if out.exists() else 0
+      start = time.monotonic()
       if not run_and_kill(command(out), after(rng.uniform(0.2, duration)), tmp / "prepare.log"):
         finished_before_kill += 1
+        duration = min(duration, time.monotonic() - start)
         continue
       killed += 1
       now_cached = cached_files(out) if out.exists() else 0
