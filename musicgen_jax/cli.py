@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   demo = command("demo", cmd_demo, "Prepare Bach chorales from music21, train the demo model, write samples.")
   demo.add_argument("--home", default=str(paths.home()), help="where the demo's data, run and outputs go")
-  demo.add_argument("--steps", type=positive_int, default=3000, help="training steps (default 3000)")
+  demo.add_argument("--steps", type=positive_int, help="training steps (default: configs/demo.py's, 3000)")
 
   command("menu", cmd_menu, "The original's interactive menu: train, continue, generate, quit.")
   return parser

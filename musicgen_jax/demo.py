@@ -39,16 +39,17 @@ def chorales_to_midi(out_dir: Path, progress: bool = True) -> Path:
   return out_dir
 
 
-def run_demo(home: str | os.PathLike | None = None, *, steps: int = 3000, num_files: int = 4,
+def run_demo(home: str | os.PathLike | None = None, *, steps: int | None = None, num_files: int = 4,
              progress: bool = True) -> list[Path]:
-  """Prepares the chorales, trains `configs/demo.py` for `steps` steps (resuming if run before), generates."""
+  """Prepares the chorales, trains `configs/demo.py` (for `steps` steps, default its `train.steps`; resuming
+  if run before), generates."""
   from musicgen_jax import config_checks, generate, plots, prepare, rundir, train
   from musicgen_jax.config import apply_overrides, load_config, model_differences, read_config
   from musicgen_jax.errors import UserError
 
   root = Path(home or paths.home()) / "demo"
   data_dir, run, generated = root / "data", root / "run", root / "generated"
-  config = apply_overrides(load_config("demo"), [f"data.dir={data_dir}", f"train.steps={steps}"])
+  config = apply_overrides(load_config("demo"), [f"data.dir={data_dir}", *([f"train.steps={steps}"] if steps else [])])
   config_checks.check(config)
   if rundir.is_run(run) and model_differences(read_config(run), config):
     raise UserError(f"{run} holds a demo run of another model (an earlier version's): remove that folder, "
