@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   tr = command("train", cmd_train, "Train a run, or resume it from its latest checkpoint. Ctrl+C saves and exits.")
   tr.add_argument("--workdir", required=True, metavar="RUN", help="run folder (config, checkpoints, logs)")
-  tr.add_argument("--config", metavar="FILE|NAME", help="config file or bundled name: default, tiny, demo, original")
+  tr.add_argument("--config", metavar="FILE|NAME",
+                  help=f"config file or bundled name: {', '.join(paths.bundled_configs())}")
   tr.add_argument("--data", metavar="DIR", help="prepared corpus from `musicgen prepare` (sets data.dir)")
   tr.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=5000")
   tr.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -15,8 +15,8 @@ import ml_collections
 
 from musicgen_jax import atomic, rundir
 from musicgen_jax.errors import UserError
+from musicgen_jax.paths import CONFIGS_DIR, bundled_configs
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_SECTIONS = ("data", "model", "train", "sample")
 
 
@@ -28,8 +28,7 @@ def config_path(name_or_path: str) -> Path:
   bundled = CONFIGS_DIR / f"{name_or_path}.py"
   if bundled.is_file():
     return bundled
-  names = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
-  raise UserError(f"config {name_or_path!r} not found: give a path to a config file or one of {names}")
+  raise UserError(f"config {name_or_path!r} not found: give a path to a config file or one of {bundled_configs()}")
 
 
 def load_config(name_or_path: str) -> ml_collections.ConfigDict:

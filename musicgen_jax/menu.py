@@ -81,7 +81,7 @@ def ask_config(menu: Menu) -> str:
   from musicgen_jax.config import load_config
 
   while True:
-    name = menu.ask("Config (default, tiny, demo, original or a file)", "default")
+    name = menu.ask(f"Config ({', '.join(paths.bundled_configs())} or a file)", "default")
     try:
       config_checks.check(load_config(name))
       return name

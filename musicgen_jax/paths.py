@@ -1,5 +1,6 @@
-"""Where runs, prepared data and generated files live by default (under $MUSICGEN_HOME, ~/musicgen), and
-whether a folder can be written before any work that would end in writing there starts.
+"""Where runs, prepared data and generated files live by default (under $MUSICGEN_HOME, ~/musicgen) and where
+the bundled configs live, and whether a folder can be written before any work that would end in writing there
+starts.
 """
 
 from __future__ import annotations
@@ -11,6 +12,13 @@ from pathlib import Path
 from musicgen_jax.errors import UserError
 
 HOME_ENV = "MUSICGEN_HOME"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def bundled_configs() -> list[str]:
+  """The names of the configs that ship in configs/, `default` first: what `--config NAME` accepts."""
+  names = sorted(path.stem for path in CONFIGS_DIR.glob("*.py") if not path.stem.startswith("_"))
+  return sorted(names, key=lambda name: name != "default")
 
 
 def home() -> Path:

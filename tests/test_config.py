@@ -2,6 +2,7 @@
 
 import pytest
 
+from musicgen_jax import paths
 from musicgen_jax.config import apply_overrides, load_config, model_differences, read_config, save_config
 from musicgen_jax.errors import UserError
 
@@ -9,7 +10,7 @@ INTERFACE_KEYS = ("seed", "data.window", "train.steps", "train.batch_size", "tra
                   "train.predict_last", "model.hidden", "model.layers", "model.embed", "model.inputs")
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "demo", "original"])
+@pytest.mark.parametrize("name", paths.bundled_configs())
 def test_bundled_configs_have_the_interface_keys(name):
   config = load_config(name)
   for key in INTERFACE_KEYS:

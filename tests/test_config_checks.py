@@ -4,14 +4,12 @@ the value and what is allowed, rules for absent keys skipped."""
 import ml_collections
 import pytest
 
-from musicgen_jax import config_checks
-from musicgen_jax.config import CONFIGS_DIR, apply_overrides, load_config
+from musicgen_jax import config_checks, paths
+from musicgen_jax.config import apply_overrides, load_config
 from musicgen_jax.errors import UserError
 
-BUNDLED = sorted(path.stem for path in CONFIGS_DIR.glob("*.py") if not path.stem.startswith("_"))
 
-
-@pytest.mark.parametrize("name", BUNDLED)
+@pytest.mark.parametrize("name", paths.bundled_configs())
 def test_every_key_of_every_bundled_config_has_a_rule_and_passes_it(name):
   config = load_config(name)
   keys = [key for key, _ in config_checks.leaves(config)]

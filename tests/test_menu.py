@@ -34,7 +34,7 @@ def test_a_bad_config_answer_is_refused_and_an_empty_step_count_trains_until_sto
   said = out.getvalue()
   assert "config 'nowhere' not found" in said
   assert "bad config value model.dropout=1.5: it must be a number in [0, 1)\nType another config." in said
-  assert said.count("Config (default, tiny, demo, original or a file)") == 3
+  assert said.count("Config (default, demo, original, tiny or a file)") == 3
   (config,) = trained
   assert config.model.dropout == 0.0 and config.train.steps == train.UNTIL_STOPPED
   assert "Saved piano at step 12" in said
