@@ -401,9 +401,16 @@ class MusicLSTM(nnx.Module):
     if state is None:
       state = self.initial_state(inputs["pitch"].shape[0])
     features, final = self.features(inputs, state)
+    return self.window_outputs(features, inputs, targets, held, isolate_heads=isolate_heads, rngs=rngs), final
+
+  def window_outputs(self, features: jax.Array, inputs: Mapping[str, jax.Array],
+                     targets: Mapping[str, jax.Array] | None, held: jax.Array | None, *, isolate_heads: bool,
+                     rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
+    """The heads' outputs [batch, time, ...] over a window from the LSTM's time-major `features` and the
+    window's `inputs`, `targets` and `held` as `__call__` takes them."""
     if targets is not None:
       targets = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(targets))
     if self.reads_held:
       held = jnp.swapaxes(held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"], held), 0, 1)
     outputs = self.heads(features, targets, held, isolate_heads=isolate_heads, rngs=rngs)
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs), final
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs)

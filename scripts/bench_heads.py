@@ -2,9 +2,9 @@
 
 The heads' share of a training step is where `model.heads` and `model.inputs` differ (the trunk is the
 same), so they are timed here apart from it: fixed time-major features stand in for the LSTM's outputs,
-and one jitted call computes what the train step computes after them (the held pitches of the window,
-the heads' outputs with dropout, each head's loss) and the gradients of the loss with respect to the
-heads' parameters and the features. The batch is `synthetic_batch` of the config's shapes.
+and one jitted call computes what the train step computes after them (`MusicLSTM.window_outputs`: the
+held pitches of the window and the heads' outputs with dropout; each head's loss) and the gradients of
+the loss with respect to the heads' parameters and the features. The batch is `synthetic_batch` of the config's shapes.
 
   python scripts/bench_heads.py [--config default] [--calls 5] [--rounds 5] [key=value ...]
 
@@ -40,18 +40,14 @@ def main() -> None:
   graphdef, params = nnx.split(models.MusicLSTM(config.model, rngs=nnx.Rngs(config.seed)), nnx.Param)
   features = jax.random.normal(jax.random.key(1), (config.data.window, config.train.batch_size, config.model.hidden))
   weights = losses.position_weights(config.data.window, config.train.predict_last)
-  time_major = lambda tree: jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(tree))
 
   @jax.jit
   def gradients(params: nnx.State, features: jax.Array, key: jax.Array) -> tuple[nnx.State, jax.Array]:
     def loss(params: nnx.State, features: jax.Array) -> jax.Array:
       model = nnx.merge(graphdef, params)
-      inputs, held = batch["inputs"], None
-      if model.reads_held:
-        held = jnp.swapaxes(models.held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"], batch["held"]), 0, 1)
-      outputs = model.heads(features, time_major(batch["targets"]), held,
-                            isolate_heads=config.train.isolation == "strict", rngs=nnx.Rngs(dropout=key))
-      sums = losses.event_sums(time_major(outputs), batch["targets"], weights, model.time_bins)
+      outputs = model.window_outputs(features, batch["inputs"], batch["targets"], batch["held"],
+                                     isolate_heads=config.train.isolation == "strict", rngs=nnx.Rngs(dropout=key))
+      sums = losses.event_sums(outputs, batch["targets"], weights, model.time_bins)
       return sum(losses.losses_from_sums(sums).values())
 
     return jax.grad(loss, argnums=(0, 1))(params, features)
