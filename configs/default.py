@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.order = ("pitch", "velocity", "time")
   config.model.dt_bin = 0.01  # Seconds.
   config.model.dt_max = 4.0  # Seconds; longer gaps are drawn this long.
+  # The time head's family: 0, a categorical over the dt classes; K > 0, dt = 0 or a mixture of K logistics
+  # over log dt, scored on the same classes.
+  config.model.time_mixture = 0
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   config.model.param_dtype = "float32"
   # How the LSTM runs: auto (cudnn on GPUs in float32, fused on CPUs, scan elsewhere), scan, fused or cudnn.

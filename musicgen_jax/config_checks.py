@@ -155,6 +155,7 @@ RULES = {
     "model.order": Rule("order", names=distributions.SUB_EVENTS),
     "model.dt_bin": number(0.001, 1.0),
     "model.dt_max": number("model.dt_bin", 60.0, open_low=True),
+    "model.time_mixture": whole(0, 64),
     "train.steps": whole(1, MAX_STEPS),
     "train.batch_size": whole(1, multiple_of="mesh.data"),
     "train.isolation": names(losses.ISOLATION_MODES),

@@ -1,10 +1,13 @@
 """The classes of the "distribution" heads and the exact likelihoods on them.
 
-Each sub-event of an event is a categorical variable: the pitch (128 classes), the velocity (128
-classes, class 0 a release) and dt in time bins. Time class 0 is dt exactly 0, the point mass of
-chords and of releases under one pedal lift; class k >= 1 is the interval ((k - 1) * bin, k * bin]
-seconds and the last class also holds every longer gap (censored at `dt_max`). Generation draws dt
-uniformly inside its bin, so the model is a proper distribution over seconds at that resolution.
+Each sub-event of an event is scored on classes: the pitch (128 classes), the velocity (128 classes,
+class 0 a release) and dt in time bins. Time class 0 is dt exactly 0, the point mass of chords and of
+releases under one pedal lift; class k >= 1 is the interval ((k - 1) * bin, k * bin] seconds and the
+last class also holds every longer gap (censored at `dt_max`). Pitch and velocity are categorical.
+dt is categorical too (generation draws it uniformly inside its bin), or with `model.time_mixture=K`
+a point mass at 0 and a mixture of K logistics over log dt, whose mass on each bin is the class's
+probability (generation draws dt from the mixture itself). Either way the model is a proper
+distribution over seconds at the bins' resolution, and both score the same classes.
 
 The point heads of `"regression"` mode get likelihoods on the same classes, so both modes compare on
 one scale: dt as a Laplace around the predicted dt (mass below 0 on class 0, above the last edge on
@@ -28,20 +31,30 @@ SUB_EVENTS = ("pitch", "velocity", "time")
 
 
 class TimeBins(NamedTuple):
-  """Time classes: 0 is dt = 0, k >= 1 is ((k - 1) * width, k * width] seconds; `count` classes in all."""
+  """Time classes: 0 is dt = 0, k >= 1 is ((k - 1) * width, k * width] seconds; `count` classes in all. The
+  time head scores them as a categorical (`mixture` 0) or as a mixture of `mixture` logistics over log dt."""
 
   width: float
   count: int
+  mixture: int = 0
 
   @property
   def max_dt(self) -> float:
     """The upper edge of the last bin: longer gaps are drawn as this long."""
     return (self.count - 1) * self.width
 
+  @property
+  def outputs(self) -> int:
+    """The time head's outputs: a logit per class, or the mixture's dt = 0 logit and K weight logits,
+    locations (log seconds) and log scales."""
+    return 1 + 3 * self.mixture if self.mixture else self.count
+
 
 def time_bins(model_config: ml_collections.ConfigDict) -> TimeBins:
-  """The time classes of a model config: `model.dt_bin` wide up to `model.dt_max` seconds."""
-  return TimeBins(float(model_config.dt_bin), 1 + math.ceil(round(model_config.dt_max / model_config.dt_bin, 6)))
+  """The time classes of a model config: `model.dt_bin` wide up to `model.dt_max` seconds, scored as
+  `model.time_mixture` says (absent in runs saved before it: categorical)."""
+  return TimeBins(float(model_config.dt_bin), 1 + math.ceil(round(model_config.dt_max / model_config.dt_bin, 6)),
+                  int(model_config.get("time_mixture", 0)))
 
 
 def time_class(dt: jax.Array, bins: TimeBins) -> jax.Array:
@@ -76,6 +89,44 @@ def class_nll(logits: jax.Array, target: jax.Array) -> jax.Array:
   """-log p(target) under the categorical `logits` [..., V], in nats."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
   return -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
+
+
+def time_nll(outputs: jax.Array, target_class: jax.Array, bins: TimeBins) -> jax.Array:
+  """-log P(time class) under the time head's `outputs` [..., bins.outputs], in nats."""
+  if not bins.mixture:
+    return class_nll(outputs, target_class)
+  zero_logit, weights, location, inverse_scale = mixture_parameters(outputs)
+  k = target_class.astype(jnp.float32)
+  # The first bin reaches down to 0 (log dt to -infinity) and the last up to infinity: their masses are one
+  # tail each. Every edge computed is finite (an infinite one would make the scale's gradient NaN).
+  lower = (jnp.log(jnp.maximum(k - 1.0, 1.0) * bins.width)[..., None] - location) * inverse_scale
+  upper = (jnp.log(jnp.maximum(k, 1.0) * bins.width)[..., None] - location) * inverse_scale
+  mass = jnp.where((target_class <= 1)[..., None], jax.nn.log_sigmoid(upper),
+                   jnp.where((target_class == bins.count - 1)[..., None], jax.nn.log_sigmoid(-lower),
+                             _interval_log_mass(jax.nn.log_sigmoid, lower, upper)))
+  nonzero = jax.nn.log_sigmoid(-zero_logit) + jax.nn.logsumexp(jax.nn.log_softmax(weights) + mass, axis=-1)
+  return -jnp.where(target_class == 0, jax.nn.log_sigmoid(zero_logit), nonzero)
+
+
+MAX_LOG_SCALE = 7.0  # The mixture's logistics are no narrower than exp(-7) in log seconds.
+
+
+def mixture_parameters(outputs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The time mixture's dt = 0 logit [...], weight logits, locations (log seconds) and inverse scales
+  [..., K] from the time head's outputs [..., 1 + 3K]."""
+  outputs = outputs.astype(jnp.float32)
+  weights, location, log_inverse_scale = jnp.split(outputs[..., 1:], 3, axis=-1)
+  return outputs[..., 0], weights, location, jnp.exp(jnp.minimum(log_inverse_scale, MAX_LOG_SCALE))
+
+
+def temper_time(outputs: jax.Array, temperature: jax.Array, bins: TimeBins) -> jax.Array:
+  """The time head's `outputs` [..., bins.outputs] at `temperature`: a categorical's logits divided by it; a
+  mixture's dt = 0 logit and weight logits divided by it and its scales multiplied by it. Below 1 both
+  draw the likeliest gaps more often; 1 leaves the model's distribution."""
+  if not bins.mixture:
+    return outputs / temperature
+  logits, location, log_inverse_scale = jnp.split(outputs, [1 + bins.mixture, 1 + 2 * bins.mixture], axis=-1)
+  return jnp.concatenate([logits / temperature, location, log_inverse_scale - jnp.log(temperature)], axis=-1)
 
 
 def _log_diff(log_a: jax.Array, log_b: jax.Array) -> jax.Array:

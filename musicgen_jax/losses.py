@@ -45,7 +45,7 @@ def event_sums(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array
           "pitch_correct": weighted(correct)}
   if "time_logits" in outputs:
     target = distributions.classes(targets, time_bins)
-    time_nll = distributions.class_nll(outputs["time_logits"], target["time"])
+    time_nll = distributions.time_nll(outputs["time_logits"], target["time"], time_bins)
     velocity_nll = distributions.class_nll(outputs["velocity_logits"], target["velocity"])
   else:
     sums["dt_abs_error"] = weighted(jnp.abs(outputs["dt"] - targets["dt"]))

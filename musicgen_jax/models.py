@@ -312,7 +312,8 @@ class MusicLSTM(nnx.Module):
 
     def head(name: str) -> Head:
       before = () if regression else self.order[:self.order.index(name)]
-      return Head(config.hidden, widths, 1 if regression and name != "pitch" else class_counts[name],
+      outputs = self.time_bins.outputs if name == "time" else class_counts[name]
+      return Head(config.hidden, widths, 1 if regression and name != "pitch" else outputs,
                   dropout=config.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                   condition_classes=tuple(class_counts[b] for b in before), reads_held=reads_held,
                   reads_own=reads_held and "pitch" in before, per_pitch=reads_held and name == "pitch")

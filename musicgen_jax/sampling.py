@@ -156,23 +156,43 @@ def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, se
   """The event drawn by distribution heads from one position's features [B, hidden] and the pitches held
   [B, 128]: each sub-event in the model's order from its head given those drawn before it (see
   `allowed_classes`), pitch with temperature, top-k and top-p, time and velocity with their own
-  temperatures; dt uniform inside its time bin."""
+  temperatures (`draw_dt`)."""
   sounding = held >= 0
   held_terms = models.read_held(held) if model.reads_held else None
   sub_keys = jax.vmap(lambda key: jax.random.split(key, len(model.order) + 1))(keys)
-  temperatures = {"time": settings.time_temperature, "velocity": settings.velocity_temperature}
   drawn = {}
   for i, name in enumerate(model.order):
     logits = model.head_logits(name, features, drawn, held_terms, isolate_heads=False, rngs=None)
+    if name == "time":
+      tempered = distributions.temper_time(logits, settings.time_temperature, model.time_bins)
+      dt = draw_dt(sub_keys[:, i], sub_keys[:, -1], tempered, model.time_bins)
+      drawn[name] = distributions.time_class(dt, model.time_bins)
+      continue
     logits = jnp.where(allowed_classes(name, drawn, sounding, logits.shape[-1]), logits, -jnp.inf)
     if name == "pitch":
       drawn[name] = sample_pitch(sub_keys[:, i], logits, settings)
     else:
-      drawn[name] = categorical(sub_keys[:, i], logits / temperatures[name]).astype(jnp.int32)
-  within_bin = jax.vmap(jax.random.uniform)(sub_keys[:, -1])
-  dt = distributions.dt_of_class(drawn["time"], within_bin, model.time_bins)
+      drawn[name] = categorical(sub_keys[:, i], logits / settings.velocity_temperature).astype(jnp.int32)
   return {"pitch": drawn["pitch"], "dt": jnp.minimum(dt, settings.max_dt),
           "velocity": drawn["velocity"].astype(jnp.float32)}
+
+
+def draw_dt(keys: jax.Array, value_keys: jax.Array, outputs: jax.Array, bins: distributions.TimeBins) -> jax.Array:
+  """dt in seconds [B] drawn from the time head's `outputs` [B, bins.outputs] with `keys` and `value_keys` [B]:
+  a categorical's class, then dt uniform inside its bin; a mixture's dt = 0 or a logistic, then dt from
+  that logistic (longer than the last bin: its upper edge)."""
+  if not bins.mixture:
+    time_class = categorical(keys, outputs)
+    return distributions.dt_of_class(time_class, jax.vmap(jax.random.uniform)(value_keys), bins)
+  zero_logit, weights, location, inverse_scale = distributions.mixture_parameters(outputs)
+  rows = jnp.arange(outputs.shape[0])
+  component = categorical(keys, weights)
+  zero_draw, logistic_draw = jax.vmap(lambda key: jax.random.uniform(key, (2,), minval=1e-7, maxval=1 - 1e-7))(
+      value_keys).T
+  log_dt = location[rows, component] + (jnp.log(logistic_draw) - jnp.log1p(-logistic_draw)) / inverse_scale[
+      rows, component]
+  dt = jnp.clip(jnp.exp(log_dt), distributions.EDGE_MARGIN * bins.width, bins.max_dt)
+  return jnp.where(zero_draw < jax.nn.sigmoid(zero_logit), 0.0, dt)
 
 
 def update_held(held: jax.Array, event: Event) -> jax.Array:

@@ -50,6 +50,12 @@ def test_output_shapes(inputs, heads):
   assert len(state) == 3 and state[0].h.shape == (3, 64)
 
 
+def test_a_time_mixture_head_outputs_its_parameters():
+  model = tiny_model("model.time_mixture=5")
+  outputs, _ = predict(model, random_inputs(3, 7))
+  assert outputs["time_logits"].shape == (3, 7, 16)  # The dt = 0 logit, then 5 weights, locations and scales.
+
+
 def test_regression_heads_ignore_the_targets():
   model = tiny_model("model.heads=regression")
   x = random_inputs(2, 6)

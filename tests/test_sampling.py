@@ -435,18 +435,31 @@ def test_primer_length_defaults_to_a_cap(primer_file, monkeypatch):
   assert len(generate.read_primer(primer_file, 7, True)) == 7
 
 
-def distribution_model(order: str, seed: int = 0):
+def distribution_model(order: str, seed: int = 0, time_mixture: int = 0):
   """A tiny distribution-head model whose output layers are scaled up, so that every head is far from uniform."""
-  config = apply_overrides(tiny_config("distribution"), [f"model.order={tuple(order.split(','))!r}"])
+  config = apply_overrides(tiny_config("distribution"), [f"model.order={tuple(order.split(','))!r}",
+                                                          f"model.time_mixture={time_mixture}"])
   model = models.MusicLSTM(config.model, rngs=nnx.Rngs(params=seed))
   for head in (model.pitch_head, model.time_head, model.velocity_head):
     head.out.kernel.value = head.out.kernel.value * 30.0
   return config, model
 
 
-@pytest.mark.parametrize("order", ["pitch,velocity,time", "velocity,time,pitch"])
-def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order):
-  config, model = distribution_model(order)
+def class_probabilities(model, name, logits, allowed, temperature):
+  """The probability [rows, classes] of each class of sub-event `name` from its head's output at `temperature`."""
+  if name == "time":
+    tempered = distributions.temper_time(logits, temperature, model.time_bins)
+    if model.time_bins.mixture:
+      classes = jnp.arange(model.time_bins.count)[None, :]
+      return np.exp(-np.asarray(distributions.time_nll(tempered[:, None, :], classes, model.time_bins), np.float64))
+    return np.asarray(jax.nn.softmax(tempered), np.float64)
+  return np.asarray(jax.nn.softmax(jnp.where(allowed, logits / temperature, -jnp.inf)), np.float64)
+
+
+@pytest.mark.parametrize("order, time_mixture", [("pitch,velocity,time", 0), ("velocity,time,pitch", 0),
+                                                 ("pitch,velocity,time", 4), ("time,pitch,velocity", 3)])
+def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order, time_mixture):
+  config, model = distribution_model(order, time_mixture=time_mixture)
   rows = 6000
   rng = np.random.default_rng(0)
   features = jnp.asarray(np.repeat(rng.normal(size=(3, 32)), rows // 3, axis=0), jnp.float32)
@@ -461,7 +474,7 @@ def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order):
   for name in model.order:
     logits = model.head_logits(name, features, drawn, models.read_held(held), isolate_heads=False, rngs=None)
     allowed = sampling.allowed_classes(name, drawn, sounding, logits.shape[-1])
-    probs = np.asarray(jax.nn.softmax(jnp.where(allowed, logits / temperatures[name], -jnp.inf)), np.float64)
+    probs = class_probabilities(model, name, logits, allowed, temperatures[name])
     k = np.asarray(drawn[name])
     assert np.all(probs[np.arange(rows), k] > 0)
     below = np.cumsum(probs, -1)[np.arange(rows), k] - probs[np.arange(rows), k]
@@ -469,9 +482,10 @@ def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order):
     assert scipy.stats.kstest(uniform, "uniform").pvalue > 0.001, name
 
 
-@pytest.mark.parametrize("order", ["pitch,velocity,time", "velocity,pitch,time", "time,pitch,velocity"])
-def test_distribution_heads_release_only_sounding_pitches_and_strike_only_silent_ones(order):
-  config, model = distribution_model(order, seed=3)
+@pytest.mark.parametrize("order, time_mixture", [("pitch,velocity,time", 0), ("velocity,pitch,time", 0),
+                                                 ("time,pitch,velocity", 0), ("pitch,velocity,time", 4)])
+def test_distribution_heads_release_only_sounding_pitches_and_strike_only_silent_ones(order, time_mixture):
+  config, model = distribution_model(order, seed=3, time_mixture=time_mixture)
   graphdef, params = nnx.split(model, nnx.Param)
   start_state, event = sampling.start(model)
   sampled, _ = sampling.sample_compiled(graphdef, params, start_state, event, sampling.sequence_keys(2, 0, 4),
