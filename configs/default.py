@@ -76,6 +76,14 @@ def get_config() -> ml_collections.ConfigDict:
   # the training split's mean onset velocity, where a release becomes the likelier event.
   config.sample.release_threshold = ml_collections.FieldReference(None, field_type=float)
   config.sample.max_dt = 4.0  # Seconds; longer predicted gaps are clipped.
+  # How `musicgen generate` (and the samples written during training) draw from this run unless told
+  # otherwise: the pitch's temperature, top-k (0: off) and nucleus mass (1: off), and the temperatures of
+  # the time and velocity distributions (distribution heads). 1, 0, 1, 1, 1: the model's own distribution.
+  config.sample.temperature = 1.0
+  config.sample.top_k = 0
+  config.sample.top_p = 1.0
+  config.sample.time_temperature = 1.0
+  config.sample.velocity_temperature = 1.0
 
   config.lock()
   return config

@@ -201,14 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instead of --length: end each file once its music reaches S seconds")
   gen.add_argument("--batch-size", type=positive_int, default=64, metavar="B",
                    help="files sampled at once (default 64)")
-  gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="pitch sampling temperature (default 1)")
-  gen.add_argument("--time-temperature", type=float, default=1.0, metavar="T",
-                   help="temperature of the time (dt) distribution (default 1; distribution heads)")
-  gen.add_argument("--velocity-temperature", type=float, default=1.0, metavar="T",
-                   help="temperature of the velocity distribution (default 1; distribution heads)")
-  gen.add_argument("--top-k", type=int, default=0, metavar="K",
-                   help="sample only among the K likeliest pitches (0: off)")
-  gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
+  gen.add_argument("--temperature", type=float, metavar="T",
+                   help="pitch sampling temperature (default: the run's sample.temperature, 1 in the bundled configs)")
+  gen.add_argument("--time-temperature", type=float, metavar="T",
+                   help="temperature of the time (dt) distribution (distribution heads; default: the run's, 1)")
+  gen.add_argument("--velocity-temperature", type=float, metavar="T",
+                   help="temperature of the velocity distribution (distribution heads; default: the run's, 1)")
+  gen.add_argument("--top-k", type=int, metavar="K",
+                   help="sample only among the K likeliest pitches (0: off; default: the run's, off)")
+  gen.add_argument("--top-p", type=float, metavar="P",
+                   help="nucleus sampling mass (1: off; default: the run's, off but 0.9 in configs/demo.py)")
   gen.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
   gen.add_argument("--primer", metavar="FILE.mid", help="MIDI file whose events warm up the model")
   gen.add_argument("--primer-events", type=positive_int, metavar="P",

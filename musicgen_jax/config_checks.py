@@ -173,6 +173,11 @@ RULES = {
     "mesh.distributed": FLAG,
     "sample.release_threshold": number(0, int(models.MAX_VELOCITY), unset=True),
     "sample.max_dt": number(0, open_low=True),
+    "sample.temperature": number(0, open_low=True),
+    "sample.top_k": whole(0, models.NUM_PITCHES),
+    "sample.top_p": number(0, 1, open_low=True),
+    "sample.time_temperature": number(0, open_low=True),
+    "sample.velocity_temperature": number(0, open_low=True),
 }
 MISSING = object()
 

@@ -65,8 +65,8 @@ def run_demo(home: str | os.PathLike | None = None, *, steps: int | None = None,
       f"Generated {len(files)} MIDI files:", *(f"  {path}" for path in files),
       f"The trained run is {run} (config.json, checkpoints/, metrics.jsonl, TensorBoard logs in tensorboard/).",
       "Try next:",
-      f"  musicgen generate --workdir {run} --out {generated} --num 16 --seconds 30 --velocity-temperature 0.5 "
-      "--overwrite  (the chorales have one velocity: a cooler velocity draw keeps out the rare other one)",
+      f"  musicgen generate --workdir {run} --out {generated} --num 16 --seconds 30 --overwrite  (drawn as the "
+      "run's config says, pitches from the nucleus of mass 0.9; --top-p 1 draws from the whole distribution)",
       f"  musicgen stats {generated} --reference {data_dir}  (how the samples compare with the chorales)",
       f"  musicgen evaluate --workdir {run} --data {data_dir}  (NLL per event and bits per note)",
       f"  musicgen plot {run}  (training curves)",

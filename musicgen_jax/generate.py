@@ -28,11 +28,11 @@ def take(events: store.Events, count: int | None) -> store.Events:
   return store.Events(*(getattr(events, f)[:count] for f in store.FIELDS))
 
 
-def check_options(*, num: int, length: int | None, seconds: float | None, batch_size: int, temperature: float,
-                  time_temperature: float, velocity_temperature: float, top_k: int, top_p: float, seed: int,
-                  primer: str | os.PathLike | None, primer_events: int | None, keep_primer: bool,
-                  prefix: str) -> None:
-  """Raises a UserError naming the first option out of range."""
+def check_options(*, num: int, length: int | None, seconds: float | None, batch_size: int,
+                  temperature: float | None, time_temperature: float | None, velocity_temperature: float | None,
+                  top_k: int | None, top_p: float | None, seed: int, primer: str | os.PathLike | None,
+                  primer_events: int | None, keep_primer: bool, prefix: str) -> None:
+  """Raises a UserError naming the first option out of range (a sampling option of None is the run's own)."""
   if length is not None and seconds is not None:
     raise UserError("give the length of the files in events (--length) or in seconds (--seconds), not both")
   for name, value in (("num", num), ("length", 1 if length is None else length), ("batch size", batch_size)):
@@ -42,11 +42,11 @@ def check_options(*, num: int, length: int | None, seconds: float | None, batch_
     raise UserError(f"--seconds must be a positive number, not {seconds}")
   for name, value in (("temperature", temperature), ("time temperature", time_temperature),
                       ("velocity temperature", velocity_temperature)):
-    if not 0.0 < value < float("inf"):
+    if value is not None and not 0.0 < value < float("inf"):
       raise UserError(f"the {name} must be a positive number, not {value}")
-  if top_k < 0:
+  if top_k is not None and top_k < 0:
     raise UserError(f"top-k must be 0 (off) or a positive number of pitches, not {top_k}")
-  if not 0.0 < top_p <= 1.0:
+  if top_p is not None and not 0.0 < top_p <= 1.0:
     raise UserError(f"top-p must be in (0, 1] (1: off), not {top_p}")
   if not -MAX_SEED <= seed < MAX_SEED:
     raise UserError(f"the seed must be between -2**63 and 2**63 - 1, not {seed}")
@@ -143,10 +143,11 @@ def write_midi(stream: store.Events, path: Path) -> None:
 
 
 def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int = 1, length: int | None = None,
-             seconds: float | None = None, batch_size: int = 16, temperature: float = 1.0,
-             time_temperature: float = 1.0, velocity_temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, primer: str | os.PathLike | None = None, primer_events: int | None = None,
-             keep_primer: bool = False, checkpoint: str | int = "latest", prefix: str = "sample",
+             seconds: float | None = None, batch_size: int = 16, temperature: float | None = None,
+             time_temperature: float | None = None, velocity_temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             primer: str | os.PathLike | None = None, primer_events: int | None = None, keep_primer: bool = False,
+             checkpoint: str | int = "latest", prefix: str = "sample",
              overwrite: bool = False, progress: bool = True) -> list[Path]:
   """Writes `num` MIDI files from a run's checkpoint, each `length` generated events (default
   DEFAULT_LENGTH) or `seconds` of generated music long; returns their paths.
@@ -154,7 +155,8 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   Files are sampled `batch_size` at a time (the last batch padded, so one compile serves all) and
   written as each batch is done. With `primer`, its first `primer_events` events (default
   DEFAULT_PRIMER_EVENTS) warm the model up and, with `keep_primer`, open every file. Existing files are
-  replaced only with `overwrite`. Every user mistake is a UserError.
+  replaced only with `overwrite`. The sampling options left None are the run's `sample.*` settings.
+  Every user mistake is a UserError.
   """
   from tqdm import tqdm
 

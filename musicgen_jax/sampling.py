@@ -58,17 +58,27 @@ class Settings(NamedTuple):
   velocity_temperature: jax.Array
 
 
-def make_settings(config: ml_collections.ConfigDict, *, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, time_temperature: float = 1.0, velocity_temperature: float = 1.0) -> Settings:
-  """Settings from the sampling options and a run's config (`sample.max_dt`; `sample.release_threshold`,
-  which only regression heads read)."""
+# The model's own distribution, unfiltered: how runs saved before the `sample.*` sampling settings draw.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "time_temperature": 1.0,
+                     "velocity_temperature": 1.0}
+
+
+def make_settings(config: ml_collections.ConfigDict, *, temperature: float | None = None, top_k: int | None = None,
+                  top_p: float | None = None, time_temperature: float | None = None,
+                  velocity_temperature: float | None = None) -> Settings:
+  """Settings from a run's config and the sampling options that override it (None: the run's `sample.*`
+  value): `sample.max_dt`, and `sample.release_threshold`, which only regression heads read."""
   threshold = config.sample.release_threshold
   if threshold is None and config.model.heads == "regression":
     raise UserError("the run's config.json has no sample.release_threshold (training sets it): "
                     "add one, e.g. 32, to its \"sample\" section")
-  return Settings(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+  given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "time_temperature": time_temperature,
+           "velocity_temperature": velocity_temperature}
+  value = {name: config.sample.get(name, default) if given[name] is None else given[name]
+           for name, default in SAMPLING_DEFAULTS.items()}
+  return Settings(jnp.float32(value["temperature"]), jnp.int32(value["top_k"]), jnp.float32(value["top_p"]),
                   jnp.float32(config.sample.max_dt), jnp.float32(0.0 if threshold is None else threshold),
-                  jnp.float32(time_temperature), jnp.float32(velocity_temperature))
+                  jnp.float32(value["time_temperature"]), jnp.float32(value["velocity_temperature"]))
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

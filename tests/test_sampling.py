@@ -80,6 +80,20 @@ def draws(logits, count=4000, **kwargs):
 PROBS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
 
 
+def test_settings_are_the_run_config_s_unless_an_option_overrides_them():
+  config = apply_overrides(tiny_config(), ["sample.top_p=0.9", "sample.velocity_temperature=0.5"])
+  own = sampling.make_settings(config)
+  assert (float(own.top_p), float(own.velocity_temperature), float(own.temperature)) == pytest.approx((0.9, 0.5, 1.0))
+  given = sampling.make_settings(config, top_p=1.0, temperature=0.8, top_k=4)
+  assert (float(given.top_p), float(given.velocity_temperature), float(given.temperature)) == pytest.approx(
+      (1.0, 0.5, 0.8))
+  assert int(given.top_k) == 4
+  with config.unlocked():  # A run saved before the sample.* settings draws from the model's own distribution.
+    for name in sampling.SAMPLING_DEFAULTS:
+      del config.sample[name]
+  assert sampling.make_settings(config) == settings(release_threshold=0.5)
+
+
 def test_filters_off_leave_logits_unchanged():
   logits = jnp.asarray(PROBS)
   np.testing.assert_array_equal(sampling.filter_logits(logits, jnp.int32(0), jnp.float32(1.0)), logits)
