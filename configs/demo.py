@@ -21,8 +21,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.hidden = 128
     config.train.steps = 3000
     config.train.batch_size = 32
-    # Pitches drawn from the nucleus of mass 0.9: the demo's files then compare with the chorales at
-    # 0.78-0.79 (`musicgen stats`, three seeds), against 0.58-0.74 from the whole distribution, where an
-    # unlikely pitch now and then came with an onset at another velocity than the chorales' single one.
+    # Velocity (a release or an onset, and how loud) before the pitch: in the chorales a beat releases and
+    # strikes several voices at once, and deciding release or onset first learns that far better (NLL 1.40
+    # against 1.47 nats/event with the pitch first; mean polyphony 3.6 against 3.1, the chorales' 3.9; one
+    # voice re-striking its pitch alone 1% of onsets against 5%). On MAESTRO the pitch first is better.
+    config.model.order = ("velocity", "pitch", "time")
+    # Pitches drawn from the nucleus of mass 0.9: from the whole distribution an unlikely pitch now and
+    # then came with an onset at another velocity than the chorales' single one.
     config.sample.top_p = 0.9
   return config
