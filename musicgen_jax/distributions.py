@@ -46,7 +46,7 @@ class TimeBins(NamedTuple):
   @property
   def outputs(self) -> int:
     """The time head's outputs: a logit per class, or the mixture's dt = 0 logit and K weight logits,
-    locations (log seconds) and log scales."""
+    locations (log seconds) and log inverse scales."""
     return 1 + 3 * self.mixture if self.mixture else self.count
 
 
