@@ -24,9 +24,9 @@ def random_batch(config, seed: int = 0) -> dict:
   return {"inputs": random_inputs(b, t, seed), "targets": random_inputs(b, t, seed + 1), "held": held}
 
 
-def side_loss_grads(isolation: str, heads: str) -> nnx.State:
+def side_loss_grads(isolation: str, heads: str, *overrides: str) -> nnx.State:
   """Gradients of the time + velocity losses with respect to every parameter."""
-  config = tiny_config(f"train.isolation={isolation}", f"model.heads={heads}")
+  config = tiny_config(f"train.isolation={isolation}", f"model.heads={heads}", *overrides)
   graphdef, state = steps.create_train_state(config)
   batch = random_batch(config)
 
@@ -54,9 +54,10 @@ def test_labels_partition_the_parameters():
                     "time_head": "time", "velocity_head": "velocity"}
 
 
-@pytest.mark.parametrize("heads", ["regression", "distribution"])
-def test_strict_isolation_keeps_side_losses_out_of_the_trunk(heads):
-  grads = side_loss_grads("strict", heads)
+@pytest.mark.parametrize("heads, overrides", [("regression", ()), ("distribution", ()),
+                                             ("distribution", ("model.time_mixture=4",))])
+def test_strict_isolation_keeps_side_losses_out_of_the_trunk(heads, overrides):
+  grads = side_loss_grads("strict", heads, *overrides)
   trunk = leaves_under(grads, TRUNK + ("pitch_head",))
   assert trunk and all(np.all(np.asarray(g) == 0) for g in trunk)
   for head in ("time_head", "velocity_head"):
