@@ -471,7 +471,7 @@ def class_probabilities(model, name, logits, allowed, temperature):
 
 
 @pytest.mark.parametrize("order, time_mixture", [("pitch,velocity,time", 0), ("velocity,time,pitch", 0),
-                                                 ("pitch,velocity,time", 4), ("time,pitch,velocity", 3)])
+                                                 ("time,pitch,velocity", 3)])
 def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order, time_mixture):
   config, model = distribution_model(order, time_mixture=time_mixture)
   rows = 6000
@@ -496,10 +496,9 @@ def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order, ti
     assert scipy.stats.kstest(uniform, "uniform").pvalue > 0.001, name
 
 
-@pytest.mark.parametrize("order, time_mixture", [("pitch,velocity,time", 0), ("velocity,pitch,time", 0),
-                                                 ("time,pitch,velocity", 0), ("pitch,velocity,time", 4)])
-def test_distribution_heads_release_only_sounding_pitches_and_strike_only_silent_ones(order, time_mixture):
-  config, model = distribution_model(order, seed=3, time_mixture=time_mixture)
+@pytest.mark.parametrize("order", ["pitch,velocity,time", "velocity,pitch,time", "time,pitch,velocity"])
+def test_distribution_heads_release_only_sounding_pitches_and_strike_only_silent_ones(order):
+  config, model = distribution_model(order, seed=3)
   graphdef, params = nnx.split(model, nnx.Param)
   start_state, event = sampling.start(model)
   sampled, _ = sampling.sample_compiled(graphdef, params, start_state, event, sampling.sequence_keys(2, 0, 4),
