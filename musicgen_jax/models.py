@@ -165,36 +165,74 @@ def held_pitches(pitch: jax.Array, dt: jax.Array, velocity: jax.Array, before: j
   return jnp.where(latest >= 0, jnp.where(onset, since_latest, SILENT), carried)
 
 
+def age_position(held: jax.Array) -> jax.Array:
+  """Each pitch's place on the age grid [..., P] from `held` [..., P]: log1p(age / 10 ms) in grid steps,
+  clipped to the grid (0 for a silent pitch, which `HeldTerms.sounding` tells apart)."""
+  return jnp.clip(jnp.log1p(jnp.maximum(held, 0.0) / DT_INPUT_SCALE) / AGE_STEP, 0.0, AGE_POINTS - 1)
+
+
+def grid_weights(position: jax.Array) -> jax.Array:
+  """The two grid points around each `position` [...] weighted by nearness, summing to 1 [..., AGE_POINTS]. A
+  function of the age read through these weights is piecewise linear in the log age: the chance of a
+  release may rise and fall."""
+  return jnp.maximum(1.0 - jnp.abs(position[..., None] - jnp.arange(AGE_POINTS)), 0.0)
+
+
 def age_weights(held: jax.Array) -> jax.Array:
-  """Each pitch's age on the age grid [..., P, AGE_POINTS] from `held` [..., P]: the two grid points around
-  log1p(age / 10 ms) weighted by nearness (summing to 1), all zero for a silent pitch. A function of the age
-  read through these weights is piecewise linear in the log age: the chance of a release may rise and fall."""
-  position = jnp.clip(jnp.log1p(jnp.maximum(held, 0.0) / DT_INPUT_SCALE) / AGE_STEP, 0.0, AGE_POINTS - 1)
-  weights = jnp.maximum(1.0 - jnp.abs(position[..., None] - jnp.arange(AGE_POINTS)), 0.0)
-  return jnp.where((held >= 0)[..., None], weights, 0.0)
+  """Each pitch's age on the age grid [..., P, AGE_POINTS] from `held` [..., P]: its `grid_weights`, all
+  zero for a silent pitch."""
+  return jnp.where((held >= 0)[..., None], grid_weights(age_position(held)), 0.0)
 
 
-def read_by_age(values: jax.Array, ages: jax.Array) -> jax.Array:
-  """Each pitch's value [..., P] read at its note's age from `values` [..., AGE_POINTS] on the age grid,
-  given the pitches' `age_weights` `ages` [..., P, AGE_POINTS] (0 for a silent pitch). Written as a
-  product summed over the grid rather than as a batched matmul over the weights."""
-  return jnp.sum(values[..., None, :] * ages, axis=-1)
+def grid_cell(position: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The grid point below each `position` (the last but one at the top) and how far above it the position
+  lies, in [0, 1]: the two nonzero `grid_weights` are 1 - that at the point and that at the next."""
+  lower = jnp.minimum(jnp.floor(position), AGE_POINTS - 2)
+  return lower.astype(jnp.int32), position - lower
+
+
+def flat_index(lower: jax.Array) -> jax.Array:
+  """Where the grid points `lower` [..., P] lie in an array [..., AGE_POINTS] flattened: one index per
+  value, cheaper to gather and scatter by than index pairs."""
+  rows = jnp.arange(lower[..., 0].size, dtype=jnp.int32).reshape(*lower.shape[:-1], 1)
+  return rows * AGE_POINTS + lower
 
 
 class HeldTerms(NamedTuple):
   """The held pitches as the heads read them, computed once per position for all heads: which pitches
-  sound [..., 128], each pitch's `age_weights` [..., 128, AGE_POINTS], and their sum over the pitches
-  [..., AGE_POINTS], how many notes of each age sound."""
+  sound [..., 128], each pitch's `age_position` [..., 128], and how many notes of each age sound (the
+  `age_weights` summed over the pitches) [..., AGE_POINTS]. The weights of every pitch on the grid
+  [..., 128, AGE_POINTS] are never formed: each reader takes the two it needs (`grid_cell`), which on a
+  CPU costs a third of writing them all out."""
 
   sounding: jax.Array
-  ages: jax.Array
+  position: jax.Array
   census: jax.Array
+
+  def read_by_age(self, values: jax.Array) -> jax.Array:
+    """Each pitch's value [..., P] read at its note's age from `values` [..., AGE_POINTS] on the age grid,
+    interpolated between the two grid points around it (meaningless for a silent pitch)."""
+    lower, above = grid_cell(self.position)
+    flat, index = values.ravel(), flat_index(lower)
+    at_lower = flat.at[index].get(mode="promise_in_bounds")
+    return at_lower + above * (flat.at[index + 1].get(mode="promise_in_bounds") - at_lower)
+
+  def pitch_age(self, pitch: jax.Array) -> jax.Array:
+    """The `age_weights` [..., AGE_POINTS] of one pitch per position, `pitch` [...]: zero for a silent one."""
+    position = jnp.take_along_axis(self.position, pitch[..., None], axis=-1)[..., 0]
+    sounding = jnp.take_along_axis(self.sounding, pitch[..., None], axis=-1)
+    return jnp.where(sounding, grid_weights(position), 0.0)
 
 
 def read_held(held: jax.Array) -> HeldTerms:
   """The `HeldTerms` of the pitches `held` [..., 128] after an input event (`held_pitches`)."""
-  ages = age_weights(held)
-  return HeldTerms(held >= 0, ages, ages.sum(-2))
+  sounding, position = held >= 0, age_position(held)
+  lower, above = grid_cell(position)
+  weight = sounding.astype(jnp.float32)
+  index = flat_index(lower)
+  census = jnp.zeros(held[..., :AGE_POINTS].size).at[index].add(weight * (1.0 - above), mode="promise_in_bounds")
+  census = census.at[index + 1].add(weight * above, mode="promise_in_bounds")
+  return HeldTerms(sounding, position, census.reshape(*held.shape[:-1], AGE_POINTS))
 
 
 class Head(nnx.Module):
@@ -255,9 +293,10 @@ class Head(nnx.Module):
           x = x + table(ids.reshape(-1))
         read = [(self.own, own)] if held is None else [(self.census, held.census), (self.sounding, held.sounding),
                                                         (self.own, own)]
-        for projection, value in read:
-          if projection is not None:
-            x = x + dense(value.astype(layer.dtype), projection.kernel.value.astype(layer.dtype))
+        read = [(projection.kernel.value, value) for projection, value in read if projection is not None]
+        if read:  # One matmul for all: each would write and re-read the whole pre-activation.
+          x = x + dense(jnp.concatenate([value.astype(layer.dtype) for _, value in read], -1),
+                        jnp.concatenate([kernel.astype(layer.dtype) for kernel, _ in read], 0))
       if rngs is not None:
         x = byte_dropout(x, self.dropout_rate, rngs.dropout())
       x = jax.nn.relu(x)
@@ -266,7 +305,7 @@ class Head(nnx.Module):
       logits = logits + dense(own, self.own_out.kernel.value)
     if self.release_age is not None:
       onset, release = jnp.split(logits, 2, axis=-1)
-      release = release + read_by_age(self.release_age(x), held.ages)
+      release = release + held.read_by_age(self.release_age(x))
       logits = jnp.where(held.sounding, release, onset)
     return logits.reshape(*lead, -1)
 
@@ -365,7 +404,7 @@ class MusicLSTM(nnx.Module):
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
     own = None
     if head.own is not None:
-      own = jnp.take_along_axis(held.ages, before["pitch"][..., None, None], axis=-2)[..., 0, :]
+      own = held.pitch_age(before["pitch"])
     return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own)
 
   @property

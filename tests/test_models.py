@@ -214,9 +214,23 @@ def test_age_weights_place_each_sounding_note_on_the_log_age_grid():
   np.testing.assert_allclose(weights[1:6] @ grid, log_age, rtol=1e-5)
   assert weights[6, -1] == 1.0  # Older than the grid: the last point.
   assert ((weights[1:] > 0).sum(-1) <= 2).all()
-  values = jnp.asarray(np.random.default_rng(0).normal(size=(1, models.AGE_POINTS)), jnp.float32)
-  np.testing.assert_allclose(models.read_by_age(values, models.age_weights(held))[0], weights @ values[0],
-                             rtol=1e-6, atol=1e-6)
+
+
+def test_held_terms_read_the_age_weights_they_never_form():
+  """The census, the reading of a per-event function of the age and one pitch's weights, each by a gather or
+  scatter on the two grid points around a note's age, equal the same computed from the dense weights."""
+  rng = np.random.default_rng(0)
+  held = jnp.asarray(np.where(rng.random((2, 3, 128)) < 0.3, rng.exponential(2.0, (2, 3, 128)), models.SILENT),
+                     jnp.float32).at[0, 0, 5].set(500.0)
+  weights, terms = np.asarray(models.age_weights(held)), models.read_held(held)
+  np.testing.assert_array_equal(terms.sounding, held >= 0)
+  np.testing.assert_allclose(terms.census, weights.sum(-2), rtol=1e-5, atol=1e-6)
+  values = jnp.asarray(rng.normal(size=(2, 3, models.AGE_POINTS)), jnp.float32)
+  dense_read = np.einsum("btpk,btk->btp", weights, values)
+  np.testing.assert_allclose(np.where(held >= 0, terms.read_by_age(values), 0.0), dense_read, rtol=1e-5, atol=1e-6)
+  pitch = jnp.asarray(rng.integers(0, 128, (2, 3)))
+  np.testing.assert_allclose(terms.pitch_age(pitch), np.take_along_axis(weights, pitch[..., None, None], -2)[..., 0, :],
+                             rtol=1e-6)
 
 
 def test_the_window_starts_with_the_pitches_held_before_it():
