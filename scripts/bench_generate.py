@@ -2,7 +2,8 @@
 
 After compile, at each batch size B, three loops sample from the same model shapes (the config's):
   * jax scan: `sampling.sample_compiled`, one `lax.scan` carrying every layer's (h, c), B sequences,
-    with the config's heads (`model.heads`);
+    with the config's heads (`model.heads`), and, where those are distribution heads, the same scan
+    with regression heads (the price of drawing every sub-event, measured in the same rounds);
   * original: the original's loop in JAX, batch 1: the whole last window (data.window events) re-run
     from the zero state to produce each 4 new events, the predictions at its last 4 positions, with
     the original's regression heads;
@@ -12,7 +13,7 @@ Parameters are random (speed does not depend on them). Each loop runs for about 
 --rounds interleaved rounds whose best rate is kept.
 
   python scripts/bench_generate.py [--config default] [--batch-sizes 1 64 256] [--seconds 3] [--rounds 3]
-                                   [key=value ...]
+                                   [--no-torch] [key=value ...]
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def main() -> None:
   parser.add_argument("--length", type=int, default=64, help="events per sampling call (scan and torch)")
   parser.add_argument("--seconds", type=float, default=3.0, help="time spent measuring each loop")
   parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is kept")
+  parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch loop")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   config = apply_overrides(load_config(args.config), ["sample.release_threshold=32.0", *args.overrides])
@@ -161,7 +163,7 @@ def main() -> None:
   settings = sampling.make_settings(config)
   regression = apply_overrides(config, ["model.heads=regression"])
   regression_graphdef, regression_state = steps.create_train_state(regression)
-  has_torch = torch_available()
+  has_torch = not args.no_torch and torch_available()
   load_before = os.getloadavg()[0]
 
   original = best_rates({"original": (original_loop(regression_graphdef, regression_state.params, settings,
@@ -174,19 +176,23 @@ def main() -> None:
     scan_call()
     first_call_s = time.perf_counter() - start
     loops = {"jax_scan": (scan_call, batch * args.length)}
+    if config.model.heads != "regression":
+      loops["jax_scan_regression"] = (jax_scan(regression_graphdef, regression_state.params, settings, batch,
+                                               args.length), batch * args.length)
     if has_torch:
       loops["torch"] = (torch_loop(config.model, config.sample, batch, args.length), batch * args.length)
-    rows.append({"batch": batch, "torch": None, **best_rates(loops, args.seconds, args.rounds),
-                 "first_call_s": first_call_s})
+    rows.append({"batch": batch, "torch": None, "jax_scan_regression": None,
+                 **best_rates(loops, args.seconds, args.rounds), "first_call_s": first_call_s})
 
   print(f"{config.model.layers} x {config.model.hidden} LSTM ({args.config}, {config.model.heads} heads), "
         f"{args.length} events per call, "
         f"original: batch 1, window {config.data.window}, {ORIGINAL_EVENTS_PER_CALL} events per call")
-  print(f"{'B':>5} {'jax scan ev/s':>14} {'torch ev/s':>11} {'jax/original':>13} {'jax/torch':>10}")
+  print(f"{'B':>5} {'jax scan ev/s':>14} {'regression':>11} {'torch ev/s':>11} {'jax/original':>13} {'jax/torch':>10}")
   for row in rows:
-    torch_text = f"{row['torch']:>11.0f}" if row["torch"] else f"{'-':>11}"
+    number = lambda value: f"{value:>11.0f}" if value else f"{'-':>11}"
     ratio_text = f"{row['jax_scan'] / row['torch']:>9.2f}x" if row["torch"] else f"{'-':>10}"
-    print(f"{row['batch']:>5} {row['jax_scan']:>14.0f} {torch_text} {row['jax_scan'] / original:>12.1f}x {ratio_text}")
+    print(f"{row['batch']:>5} {row['jax_scan']:>14.0f} {number(row['jax_scan_regression'])} {number(row['torch'])} "
+          f"{row['jax_scan'] / original:>12.1f}x {ratio_text}")
   print(f"original loop (B=1): {original:.0f} ev/s")
   print(json.dumps({
       "config": args.config, "overrides": args.overrides, "heads": config.model.heads, "hidden": config.model.hidden,

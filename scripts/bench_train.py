@@ -11,7 +11,12 @@ reports events/s, model FLOPs utilisation (one training event ~ 3x its forward m
 the ratio to PyTorch. Rounds alternate jax and PyTorch and the best of each is kept, so that a
 burst of load from other processes hurts both alike; the load average is printed with the figures.
 
-  python scripts/bench_train.py [--config default] [--steps 3] [--rounds 4] [--no-torch] [key=value ...]
+  python scripts/bench_train.py [--config default] [--steps 3] [--rounds 4] [--no-torch]
+      [--versus key=value ...] [key=value ...]
+
+`--versus` times a second configuration (the first with those overrides too) in the same alternating
+rounds, e.g. `--versus model.heads=regression`: on a machine whose speed drifts by 10% within minutes,
+two modes compare fairly only when measured together.
 
 PyTorch comes from `pip install -e ".[bench]"` (a CPU wheel). XLA CPU flags can be tried without
 code changes through the environment, e.g. XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (dots
@@ -107,6 +112,8 @@ def main() -> None:
                       help="timed calls per round and framework (a jax call runs steps.execution_steps steps)")
   parser.add_argument("--rounds", type=int, default=4, help="alternating jax/PyTorch rounds; the best is kept")
   parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+  parser.add_argument("--versus", action="append", default=[], metavar="KEY=VALUE",
+                      help="an override of a second jax configuration timed in the same rounds (repeatable)")
   parser.add_argument("overrides", nargs="*")
   args = parser.parse_args()
   config = apply_overrides(load_config(args.config), args.overrides)
@@ -115,6 +122,8 @@ def main() -> None:
 
   jax_step = JaxStep(config)
   runners = {"jax": jax_step}
+  if args.versus:
+    runners["jax versus"] = JaxStep(apply_overrides(load_config(args.config), [*args.overrides, *args.versus]))
   if torch is not None:
     runners["torch"] = TorchStep(config, torch)
   step_s, roof = {name: float("inf") for name in runners}, 0.0
@@ -137,6 +146,8 @@ def main() -> None:
       "train_mflop_per_event": round(train_flops / 1e6, 2),
       "model_gflop_per_s": round(rates["jax"] * train_flops / 1e9, 1),
       "gemm_roof_gflop_per_s": round(roof / 1e9, 1), "mfu": round(rates["jax"] * train_flops / roof, 3),
+      "versus": args.versus or None, "versus_events_per_s": round(rates["jax versus"]) if args.versus else None,
+      "vs_versus": round(rates["jax"] / rates["jax versus"], 3) if args.versus else None,
       "torch_events_per_s": round(rates["torch"]) if torch is not None else None,
       "vs_torch": round(rates["jax"] / rates["torch"], 3) if torch is not None else None,
       "torch_version": torch.__version__ if torch is not None else None,
@@ -149,6 +160,8 @@ def main() -> None:
     gflops = rate * train_flops / 1e9
     print(f"{name + ' train step':22}{rate:10.0f}{1000 * step_s[name]:10.1f}{gflops:10.1f}{gflops * 1e9 / roof:9.1%}")
   print(f"{'jax 2048^3 GEMM roof':22}{'':20}{roof / 1e9:10.1f}   ({config.model.dtype} inputs)")
+  if args.versus:
+    print(f"jax / jax versus {' '.join(args.versus)}: {result['vs_versus']:.3f}x")
   if torch is not None:
     print(f"jax / PyTorch: {result['vs_torch']:.3f}x")
   print(f"recurrence {result['recurrence']}; compile {result['compile_s']} s; {train_flops / 1e6:.1f} MFLOP per "
