@@ -36,10 +36,17 @@ class TrainState:
 
 
 def create_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, TrainState]:
-  """The model's graph definition (static) and a fresh train state, all from `config.seed`."""
-  model = models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed))
-  graphdef, params = nnx.split(model, nnx.Param)
-  opt_state = optimizers.make_optimizer(config).init(params)
+  """The model's graph definition (static) and a fresh train state, all from `config.seed`. The state is
+  made by one compiled call: op by op, each initializer compiled apart, which took 8 s of every command's
+  start on a CPU."""
+  model = lambda: models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed))
+
+  def initial() -> tuple[nnx.State, optax.OptState]:
+    params = nnx.state(model(), nnx.Param)
+    return params, optimizers.make_optimizer(config).init(params)
+
+  graphdef, _ = nnx.split(nnx.eval_shape(model), nnx.Param)
+  params, opt_state = jax.jit(initial)()
   rng = jax.random.PRNGKey(config.seed + 1)
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
 

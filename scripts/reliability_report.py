@@ -80,8 +80,8 @@ def main() -> None:
       "fuzzed reader": lambda tmp: fuzz_figures(tmp, args.fuzz, args.seed),
       "prepare SIGKILLed (--workers 1)": lambda tmp: harness.kill_prepare(tmp, args.prepare_rounds, 2, args.seed),
       "prepare's parent killed before each rename": crash_figures,
-      "train SIGKILLed (tiny, 60 steps)": lambda tmp: harness.kill_training(tmp, harness.reference_run(tmp),
-                                                                           args.train_kills, args.seed),
+      f"train SIGKILLed (tiny, {harness.TRAIN_STEPS} steps)": lambda tmp: harness.kill_training(
+          tmp, harness.reference_run(tmp), args.train_kills, args.seed),
   }
   with tempfile.TemporaryDirectory(prefix="reliability-") as folder:
     for index, (title, figures) in enumerate(sections.items()):

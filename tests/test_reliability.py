@@ -486,7 +486,9 @@ def test_store_of_a_preparation_killed_while_writing_is_not_taken_for_complete(t
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Training killed at any moment: it completes bit-identical to an uninterrupted run.
 
-TRAIN_OVERRIDES = ("train.steps=60", "train.checkpoint_every=5", "train.log_every=5", "train.eval_every=20")
+TRAIN_STEPS, CHECKPOINT_EVERY = 30, 5  # Six checkpoints a run: enough moments to kill it at.
+TRAIN_OVERRIDES = (f"train.steps={TRAIN_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.log_every=5",
+                   "train.eval_every=10")
 UNTIMED_METRICS = ("train/step_time_s", "train/events_per_s")
 
 
@@ -588,7 +590,7 @@ def training_kill(rng: random.Random, workdir: Path, start_up: float) -> tuple[s
   after it finishes its first, second or third checkpoint, while saving the next or deleting old ones.
   """
   done = checkpoint_steps(workdir)
-  remaining = (60 - max(done, default=0)) // 5
+  remaining = (TRAIN_STEPS - max(done, default=0)) // CHECKPOINT_EVERY
   if remaining <= 1 or rng.random() < 1 / 3:
     return "start-up", after(rng.uniform(0.0, start_up))
   count, delay, seen = rng.randint(1, min(3, remaining - 1)), rng.uniform(0.0, 0.5), []
