@@ -7,9 +7,7 @@ the real steps with only jax, flax, optax and ml-collections installed.
 
 from __future__ import annotations
 
-import copy
 import functools
-import json
 import math
 from typing import Any, Callable, Mapping
 
@@ -39,30 +37,11 @@ class TrainState:
 
 def create_train_state(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, TrainState]:
   """The model's graph definition (static) and a fresh train state, all from `config.seed`."""
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: models.MusicLSTM(config.model, rngs=nnx.Rngs(0))), nnx.Param)
-  params, opt_state = initializer(config)()
+  model = models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  opt_state = optimizers.make_optimizer(config).init(params)
   rng = jax.random.PRNGKey(config.seed + 1)
   return graphdef, TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
-
-
-_INITIALIZERS: dict[str, Callable[[], tuple[nnx.State, optax.OptState]]] = {}
-
-
-def initializer(config: ml_collections.ConfigDict) -> Callable[[], tuple[nnx.State, optax.OptState]]:
-  """A compiled call that makes the parameters and the optimizers' state, one per model, optimizers and
-  seed in a process. Run op by op, each initializer compiled apart, it took 8.0-8.7 s of a command's start
-  at the tiny config on a CPU, against 5.8-6.8 s for this call."""
-  key = json.dumps([config.model.to_dict(), config.train.optimizers.to_dict(), config.seed], sort_keys=True,
-                   default=str)
-  if key not in _INITIALIZERS:
-    config = copy.deepcopy(config)
-
-    def initial() -> tuple[nnx.State, optax.OptState]:
-      params = nnx.state(models.MusicLSTM(config.model, rngs=nnx.Rngs(params=config.seed)), nnx.Param)
-      return params, optimizers.make_optimizer(config).init(params)
-
-    _INITIALIZERS[key] = jax.jit(initial)
-  return _INITIALIZERS[key]
 
 
 def train_step(state: TrainState, metrics: dict[str, jax.Array], batch: Mapping[str, Any], *,
