@@ -276,9 +276,8 @@ class Head(nnx.Module):
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = (),
-               held: HeldTerms | None = None, own: jax.Array | None = None, projected: bool = False) -> jax.Array:
-    """Applies the head to `x` [..., features] (with `projected`, their product with the first layer's
-    kernel, computed already), the class ids `conditions` (each shaped [...]) and, where it
+               held: HeldTerms | None = None, own: jax.Array | None = None) -> jax.Array:
+    """Applies the head to `x` [..., features], the class ids `conditions` (each shaped [...]) and, where it
     reads them, the held pitches `held` and the drawn pitch's `age_weights` `own` [..., AGE_POINTS]. All
     leading axes are folded into one first: with a single row axis the weight gradients are plain matmuls,
     where with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward
@@ -291,7 +290,7 @@ class Head(nnx.Module):
       own = own.reshape(-1, own.shape[-1])
     for depth, layer in enumerate(self.hidden):
       kernel, bias = layer.kernel.value.astype(layer.dtype), layer.bias.value.astype(layer.dtype)
-      x = (x if projected and depth == 0 else dense(x.astype(layer.dtype), kernel)) + bias
+      x = dense(x.astype(layer.dtype), kernel) + bias
       if depth == 0:
         for table, ids in zip(self.conditions, conditions):
           x = x + table(ids.reshape(-1))
@@ -398,10 +397,8 @@ class MusicLSTM(nnx.Module):
     return {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}
 
   def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array],
-                  held: HeldTerms | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None,
-                  projected: bool = False) -> jax.Array:
-    """The output of sub-event `name`'s head from the features [..., hidden] (with `projected`, the head's
-    `first_layer_products` instead), the classes [...] of the
+                  held: HeldTerms | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    """The output of sub-event `name`'s head from the features [..., hidden], the classes [...] of the
     sub-events before it in `self.order` (`before` may hold more; only those are read) and, for heads
     that read them, the held pitches (`read_held`) and, once the event's pitch is drawn, that pitch's age
     (none for an onset)."""
@@ -411,17 +408,7 @@ class MusicLSTM(nnx.Module):
     own = None
     if head.own is not None:
       own = held.pitch_age(before["pitch"])
-    return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own,
-                projected=projected)
-
-  def first_layer_products(self, features: jax.Array) -> dict[str, jax.Array]:
-    """Each head's first-layer kernel times the features [..., hidden], by one matmul for the three heads.
-    Sampling draws the sub-events one after another; with these computed before any draw, only the small
-    layers after them wait for the earlier draws."""
-    heads = [self.head_modules()[name].hidden[0] for name in self.order]
-    kernel = jnp.concatenate([layer.kernel.value.astype(layer.dtype) for layer in heads], axis=1)
-    products = jnp.split(dense(features.astype(heads[0].dtype), kernel), len(heads), axis=-1)
-    return dict(zip(self.order, products))
+    return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own)
 
   @property
   def reads_held(self) -> bool:
