@@ -233,7 +233,7 @@ def read_held(held: jax.Array) -> HeldTerms:
   lower, above = grid_cell(position)
   weight = sounding.astype(jnp.float32)
   index = flat_index(lower)
-  census = jnp.zeros(held[..., :AGE_POINTS].size).at[index].add(weight * (1.0 - above), mode="promise_in_bounds")
+  census = jnp.zeros(held[..., 0].size * AGE_POINTS).at[index].add(weight * (1.0 - above), mode="promise_in_bounds")
   census = census.at[index + 1].add(weight * above, mode="promise_in_bounds")
   return HeldTerms(sounding, position, census.reshape(*held.shape[:-1], AGE_POINTS))
 
