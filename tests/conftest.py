@@ -1,12 +1,35 @@
-"""Shared test set-up: absl flags marked parsed (grain reads them) and the MAESTRO location."""
+"""Shared test set-up: absl flags marked parsed (grain reads them), one compilation cache for the whole
+run, and the MAESTRO location."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from absl import flags
 
 flags.FLAGS.mark_as_parsed()
+
+COMPILATION_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def share_compilation_cache() -> None:
+  """Every test process and the commands the tests start write and read one persistent compilation cache, so
+  a program compiled once (the tiny config's train step, a subprocess's start-up) is not compiled again by
+  the next test, worker or command that builds the same one. Set here, before jax is imported, the
+  environment carries it to xdist's workers and to subprocesses; the process that made it removes it.
+  A cache the caller already set is used as it is."""
+  if COMPILATION_CACHE_ENV in os.environ:
+    return
+  folder = tempfile.mkdtemp(prefix="musicgen-jax-tests-cache-")
+  os.environ.update({COMPILATION_CACHE_ENV: folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+share_compilation_cache()
 
 MAESTRO_ENV = "MUSICGEN_MAESTRO"
 DEFAULT_MAESTRO = Path(__file__).resolve().parents[1] / ".." / "shared" / "maestro-v3.0.0"

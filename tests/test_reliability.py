@@ -496,12 +496,6 @@ def train_command(workdir: Path, data: Path) -> list[str]:
   return cli("train", "--workdir", str(workdir), "--config", "tiny", "--data", str(data), "--quiet", *TRAIN_OVERRIDES)
 
 
-def jax_env(cache: Path) -> dict[str, str]:
-  """The environment of a training subprocess: compiled steps cached on disk, so restarts skip compiling."""
-  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 def restore_every_checkpoint(workdir: Path) -> tuple[list[int], list[int]]:
   """Restores every checkpoint orbax lists for a run: the steps it lists, and those that fail to restore."""
   from musicgen_jax import checkpointing, config, rundir, steps
@@ -572,7 +566,8 @@ def reference_run(tmp: Path) -> dict:
   """An uninterrupted run (which also fills the compilation cache): its data, parameters, metrics, and how
   long it took to its first checkpoint (an upper bound of the start-up of the restarts, which skip compiling).
   """
-  data, env = tiny_corpus(tmp), jax_env(tmp / "jax-cache")
+  # The environment carries the tests' compilation cache (conftest.py), so restarts skip compiling.
+  data, env = tiny_corpus(tmp), dict(os.environ)
   first_checkpoint = []
 
   def watch(elapsed: float) -> bool:
