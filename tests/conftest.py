@@ -1,5 +1,5 @@
-"""Shared test set-up: absl flags marked parsed (grain reads them), one compilation cache for the whole
-run, and the MAESTRO location."""
+"""Shared test set-up: absl flags marked parsed (grain reads them), quick compiles and one compilation cache
+for the whole run, and the MAESTRO location."""
 
 import atexit
 import os
@@ -30,6 +30,26 @@ def share_compilation_cache() -> None:
 
 
 share_compilation_cache()
+
+# XLA's CPU backend compiles without LLVM's optimisations: the tests' programs are tiny and compiled once or
+# twice each, so compiling took most of the suite's time (half as long this way); what they compute is the
+# same program. Set in the environment, like the cache, so that xdist's workers and subprocesses use it too.
+QUICK_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+def with_xla_flag(environment: dict[str, str], flag: str) -> dict[str, str]:
+  """`environment` with `flag` added to its XLA_FLAGS (once)."""
+  flags = environment.get("XLA_FLAGS", "")
+  return environment if flag in flags.split() else {**environment, "XLA_FLAGS": f"{flags} {flag}".strip()}
+
+
+os.environ.update(with_xla_flag(dict(os.environ), QUICK_COMPILE_FLAG))
+
+
+@pytest.fixture
+def four_cpu_devices() -> dict[str, str]:
+  """The environment of a subprocess whose JAX sees four CPU devices, the tests' other settings kept."""
+  return {**with_xla_flag(dict(os.environ), "--xla_force_host_platform_device_count=4"), "JAX_PLATFORMS": "cpu"}
 
 MAESTRO_ENV = "MUSICGEN_MAESTRO"
 DEFAULT_MAESTRO = Path(__file__).resolve().parents[1] / ".." / "shared" / "maestro-v3.0.0"

@@ -428,14 +428,12 @@ print(len(paths))
 """
 
 
-def test_generation_shards_its_batch_over_all_devices(run_dir, tmp_path):
-  import os
+def test_generation_shards_its_batch_over_all_devices(run_dir, tmp_path, four_cpu_devices):
   import subprocess
   import sys
 
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SHARDED_GENERATION, str(run_dir), str(tmp_path / "sharded")],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=four_cpu_devices, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   single = write_files(run_dir, tmp_path / "single", num=8, batch_size=8, length=40, seed=5)
   sharded = sorted((tmp_path / "sharded").glob("*.mid"))

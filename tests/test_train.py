@@ -167,13 +167,11 @@ assert worst < 1e-5, worst
 """
 
 
-def test_four_devices_match_one_device(corpus):
-  import os
+def test_four_devices_match_one_device(corpus, four_cpu_devices):
   import subprocess
   import sys
 
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, str(corpus)], env=env,
+  result = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, str(corpus)], env=four_cpu_devices,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "max difference" in result.stdout
