@@ -123,18 +123,19 @@ def test_the_cudnn_path_matches_scan(kernel):
     return sum(jnp.sum(jnp.sin(output)) for output in outputs.values())
 
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  forward, gradient = nnx.jit(lambda model: model(inputs, targets=targets)), nnx.jit(nnx.grad(loss))
   with jax.default_matmul_precision("highest"):
-    (ours, ours_final), (expected, expected_final) = cudnn(inputs, targets=targets), scan(inputs, targets=targets)
+    (ours, ours_final), (expected, expected_final) = forward(cudnn), forward(scan)
     jax.tree.map(close, (ours, ours_final), (expected, expected_final))
-    jax.tree.map(close, nnx.grad(loss)(cudnn), nnx.grad(loss)(scan))
+    jax.tree.map(close, gradient(cudnn), gradient(scan))
     features, state = cudnn.features(jax.tree.map(lambda x: x[:, :0], inputs), ours_final)
     assert features.shape == (0, 4, 64)
     jax.tree.map(np.testing.assert_array_equal, state, ours_final)
     settings = sampling.make_settings(load_config("tiny"))
     keys = sampling.sequence_keys(0, 0, 4)
     start = jax.tree.map(lambda x: x[:, 0], inputs)
-    (ours, (ours_state, *_)), (expected, (expected_state, *_)) = (
-        sampling.sample(model, model.initial_state(4), start, keys, settings, 6) for model in (cudnn, scan))
+    draw = nnx.jit(lambda model: sampling.sample(model, model.initial_state(4), start, keys, settings, 6))
+    (ours, (ours_state, *_)), (expected, (expected_state, *_)) = draw(cudnn), draw(scan)
     jax.tree.map(np.testing.assert_array_equal, ours, expected)
     jax.tree.map(close, ours_state, expected_state)
 
