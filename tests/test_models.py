@@ -29,10 +29,16 @@ def tiny_model(*overrides: str) -> models.MusicLSTM:
 TARGETS = random_inputs(3, 12, seed=5)  # The next events that distribution heads read (teacher forcing).
 
 
-def predict(model: models.MusicLSTM, x: dict, state=None, **kwargs) -> tuple[dict, tuple]:
+@nnx.jit
+def run(model: models.MusicLSTM, x: dict, state=None, targets=None, held=None, rngs=None) -> tuple[dict, tuple]:
+  """The model's call, compiled: op by op its hundreds of small compiles took most of these tests' time."""
+  return model(x, state, targets=targets, held=held, rngs=rngs)
+
+
+def predict(model: models.MusicLSTM, x: dict, state=None, rngs=None) -> tuple[dict, tuple]:
   """The model over `x` with the first positions of TARGETS as the next events."""
   batch, window = x["pitch"].shape
-  return model(x, state, targets=jax.tree.map(lambda t: t[:batch, :window], TARGETS), **kwargs)
+  return run(model, x, state, jax.tree.map(lambda t: t[:batch, :window], TARGETS), None, rngs)
 
 
 @pytest.mark.parametrize("inputs", models.INPUT_MODES)
@@ -60,7 +66,7 @@ def test_regression_heads_ignore_the_targets():
   model = tiny_model("model.heads=regression")
   x = random_inputs(2, 6)
   with_targets, _ = predict(model, x)
-  without, _ = model(x)
+  without, _ = run(model, x)
   for key in without:
     np.testing.assert_array_equal(with_targets[key], without[key])
 
@@ -75,13 +81,13 @@ def test_each_head_reads_exactly_the_sub_events_before_it(order):
   model = tiny_model(f"model.order={tuple(order.split(','))!r}")
   x = random_inputs(2, 6)
   targets = jax.tree.map(lambda t: t[:2, :6], TARGETS)
-  base, _ = model(x, targets=targets)
+  base, _ = run(model, x, None, targets)
   changes = {"pitch": dict(targets, pitch=(targets["pitch"] + 7) % 128),
              "velocity": dict(targets, velocity=(targets["velocity"] + 40) % 128),
              "time": dict(targets, dt=targets["dt"] + 1.0)}
   names = order.split(",")
   for changed in names:
-    outputs, _ = model(x, targets=changes[changed])
+    outputs, _ = run(model, x, None, changes[changed])
     for reader in names:
       same = np.array_equal(outputs[f"{reader}_logits"], base[f"{reader}_logits"])
       assert same == (names.index(reader) <= names.index(changed)), (changed, reader)
@@ -129,12 +135,12 @@ def test_state_carries_across_calls_like_one_long_call():
   x = random_inputs(2, 10)
   targets = jax.tree.map(lambda t: t[:2, :10], TARGETS)
   held = jnp.full((2, 128), -1.0).at[:, 100].set(1.5)
-  whole, _ = model(x, targets=targets, held=held)
-  first, state = model(jax.tree.map(lambda a: a[:, :4], x), targets=jax.tree.map(lambda a: a[:, :4], targets),
-                       held=held)
+  whole, _ = run(model, x, None, targets, held)
+  first, state = run(model, jax.tree.map(lambda a: a[:, :4], x), None, jax.tree.map(lambda a: a[:, :4], targets),
+                     held)
   after_first = models.held_pitches(x["pitch"][:, :4], x["dt"][:, :4], x["velocity"][:, :4], held)[:, -1]
-  second, _ = model(jax.tree.map(lambda a: a[:, 4:], x), state, targets=jax.tree.map(lambda a: a[:, 4:], targets),
-                    held=after_first)
+  second, _ = run(model, jax.tree.map(lambda a: a[:, 4:], x), state, jax.tree.map(lambda a: a[:, 4:], targets),
+                  after_first)
   for key in whole:
     np.testing.assert_allclose(jnp.concatenate([first[key], second[key]], 1), whole[key], atol=1e-5)
 
@@ -241,8 +247,8 @@ def test_the_window_starts_with_the_pitches_held_before_it():
     model = tiny_model(f"model.heads={heads}")
     assert model.reads_held == reads
     targets = jax.tree.map(lambda t: t[:2, :6], TARGETS)
-    silent, _ = model(x, targets=targets)
-    holding, _ = model(x, targets=targets, held=held)
+    silent, _ = run(model, x, None, targets)
+    holding, _ = run(model, x, None, targets, held)
     assert all(np.allclose(silent[key], holding[key]) != reads for key in silent), heads
 
 
@@ -305,8 +311,9 @@ def test_recurrences_share_parameters_outputs_and_gradients():
     outputs, _ = model(x, targets=targets)
     return sum(jnp.sum(jnp.sin(output)) for output in outputs.values())
 
-  for ours, expected in ((scan(x, targets=targets)[0], fused(x, targets=targets)[0]),
-                         (nnx.grad(loss)(scan), nnx.grad(loss)(fused))):
+  gradient = nnx.jit(nnx.grad(loss))
+  for ours, expected in ((run(scan, x, None, targets)[0], run(fused, x, None, targets)[0]),
+                         (gradient(scan), gradient(fused))):
     # Head gradients reach several hundred here: 1e-5 relative to each array's largest entry.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max())),
                  ours, expected)
