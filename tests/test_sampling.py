@@ -139,9 +139,13 @@ def test_velocity_rounds_clips_and_releases_below_threshold():
                                 [0, 0, 0, 0, 0, 64, 127, 0])
 
 
+# Compiled once per test instead of op by op, whose many small compiles took most of these tests' time.
+next_event = jax.jit(sampling.next_event)
+
+
 def test_dt_is_clipped_to_zero_and_max_dt():
   outputs = {"pitch_logits": jnp.zeros((3, 128)), "dt": jnp.asarray([-1.0, 0.3, 9.0]), "velocity": jnp.zeros(3)}
-  event = sampling.next_event(outputs, sampling.sequence_keys(0, 0, 3), settings(max_dt=2.0))
+  event = next_event(outputs, sampling.sequence_keys(0, 0, 3), settings(max_dt=2.0))
   np.testing.assert_allclose(event["dt"], [0.0, 0.3, 2.0])
 
 
@@ -207,10 +211,10 @@ def test_primed_state_equals_the_model_over_the_primer(model_parts, model, prime
   state, last = sampling.prime_compiled(graphdef, train_state.params, primer)
   keys = sampling.sequence_keys(0, 0, 1)
   after_last, first = reference_step(graphdef, train_state.params, state, last, sampling.step_keys(keys, 0), settings())
-  outputs, after_primer = model(primer)
+  outputs, after_primer = nnx.jit(lambda model: model(primer))(model)
   for a, b in zip(jax.tree.leaves(after_last), jax.tree.leaves(after_primer)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  expected = sampling.next_event(jax.tree.map(lambda x: x[:, -1], outputs), sampling.step_keys(keys, 0), settings())
+  expected = next_event(jax.tree.map(lambda x: x[:, -1], outputs), sampling.step_keys(keys, 0), settings())
   assert int(first["pitch"][0]) == int(expected["pitch"][0])
   sampled, _ = sampling.sample_compiled(graphdef, train_state.params, state, last, keys, settings(), 1)
   assert int(sampled["pitch"][0, 0]) == int(expected["pitch"][0])
@@ -387,7 +391,7 @@ def test_releases_name_sounding_pitches_and_onsets_silent_ones():
   sounding = jnp.zeros((4, 128), bool).at[0, 60].set(True).at[1, 64].set(True).at[3, :].set(True)
   outputs = {"pitch_logits": jnp.zeros((4, 128)).at[:, 70].set(50.0), "dt": jnp.zeros(4),
              "velocity": jnp.asarray([0.0, 0.8, 0.0, 0.0])}
-  event = sampling.next_event(outputs, sampling.sequence_keys(0, 0, 4), settings(release_threshold=30.0), sounding)
+  event = next_event(outputs, sampling.sequence_keys(0, 0, 4), settings(release_threshold=30.0), sounding)
   assert int(event["pitch"][0]) == 60 and float(event["velocity"][0]) == 0.0  # release of the one sounding pitch
   assert int(event["pitch"][1]) == 70 and float(event["velocity"][1]) == round(0.8 * 127)  # onset, not 64
   assert int(event["pitch"][2]) == 70 and float(event["velocity"][2]) == 30.0  # nothing sounds: an onset
@@ -478,13 +482,14 @@ def test_each_sub_event_is_drawn_from_its_masked_tempered_distribution(order, ti
   sounding = jnp.asarray(rng.random((rows, 128)) < np.repeat([0.0, 0.05, 0.5], rows // 3)[:, None])
   held = jnp.where(sounding, jnp.asarray(rng.exponential(0.5, (rows, 128)), jnp.float32), -1.0)
   drawn_settings = settings(time_temperature=0.7, velocity_temperature=1.5)
-  event = sampling.draw_event(model, features, sampling.sequence_keys(1, 0, rows), drawn_settings, held)
+  event = nnx.jit(sampling.draw_event)(model, features, sampling.sequence_keys(1, 0, rows), drawn_settings, held)
   drawn = distributions.classes(event, model.time_bins)
   temperatures = {"pitch": 1.0, "time": 0.7, "velocity": 1.5}
   # Randomized probability integral transform: uniform on [0, 1) exactly when each class is drawn with
   # the modelled probability given the sub-events before it.
   for name in model.order:
-    logits = model.head_logits(name, features, drawn, models.read_held(held), isolate_heads=False, rngs=None)
+    logits = nnx.jit(lambda model, features, drawn, held: model.head_logits(
+        name, features, drawn, models.read_held(held), isolate_heads=False, rngs=None))(model, features, drawn, held)
     allowed = sampling.allowed_classes(name, drawn, sounding, logits.shape[-1])
     probs = class_probabilities(model, name, logits, allowed, temperatures[name])
     k = np.asarray(drawn[name])
