@@ -38,7 +38,7 @@ def side_loss_grads(isolation: str, heads: str, *overrides: str) -> nnx.State:
     head_losses = losses.losses_from_sums(sums)
     return head_losses["time"] + head_losses["velocity"]
 
-  return jax.grad(side_loss)(state.params)
+  return jax.jit(jax.grad(side_loss))(state.params)  # One compile; op by op took most of the time.
 
 
 def leaves_under(tree, prefixes):
