@@ -39,8 +39,8 @@ QUICK_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 def with_xla_flag(environment: dict[str, str], flag: str) -> dict[str, str]:
   """`environment` with `flag` added to its XLA_FLAGS (once)."""
-  flags = environment.get("XLA_FLAGS", "")
-  return environment if flag in flags.split() else {**environment, "XLA_FLAGS": f"{flags} {flag}".strip()}
+  current = environment.get("XLA_FLAGS", "")
+  return environment if flag in current.split() else {**environment, "XLA_FLAGS": f"{current} {flag}".strip()}
 
 
 os.environ.update(with_xla_flag(dict(os.environ), QUICK_COMPILE_FLAG))
