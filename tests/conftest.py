@@ -13,6 +13,7 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 
 COMPILATION_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+CACHE_READ_WARNING = "ignore:Error reading persistent compilation cache entry"
 
 
 def share_compilation_cache() -> None:
@@ -20,7 +21,14 @@ def share_compilation_cache() -> None:
   a program compiled once (the tiny config's train step, a subprocess's start-up) is not compiled again by
   the next test, worker or command that builds the same one. Set here, before jax is imported, the
   environment carries it to xdist's workers and to subprocesses; the process that made it removes it.
-  A cache the caller already set is used as it is."""
+  A cache the caller already set is used as it is.
+
+  jax writes an entry in place, so a process killed while writing one (the kill tests) or reading one
+  being written leaves or reads a truncated entry: jax then warns and compiles again. The warning is
+  silenced in every process, since tests check that a command's stderr holds exactly its own lines."""
+  filters = os.environ.get("PYTHONWARNINGS", "")
+  if CACHE_READ_WARNING not in filters:
+    os.environ["PYTHONWARNINGS"] = f"{filters},{CACHE_READ_WARNING}".strip(",")
   if COMPILATION_CACHE_ENV in os.environ:
     return
   folder = tempfile.mkdtemp(prefix="musicgen-jax-tests-cache-")
