@@ -496,6 +496,13 @@ def train_command(workdir: Path, data: Path) -> list[str]:
   return cli("train", "--workdir", str(workdir), "--config", "tiny", "--data", str(data), "--quiet", *TRAIN_OVERRIDES)
 
 
+def training_env(tmp: Path) -> dict[str, str]:
+  """The environment of the training launches: compiled steps cached on disk, so restarts skip compiling. Under
+  pytest that is the suite's shared cache (conftest.py); run by scripts/reliability_report.py, one under `tmp`."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **os.environ}
+
+
 def restore_every_checkpoint(workdir: Path) -> tuple[list[int], list[int]]:
   """Restores every checkpoint orbax lists for a run: the steps it lists, and those that fail to restore."""
   from musicgen_jax import checkpointing, config, rundir, steps
@@ -566,8 +573,7 @@ def reference_run(tmp: Path) -> dict:
   """An uninterrupted run (which also fills the compilation cache): its data, parameters, metrics, and how
   long it took to its first checkpoint (an upper bound of the start-up of the restarts, which skip compiling).
   """
-  # The environment carries the tests' compilation cache (conftest.py), so restarts skip compiling.
-  data, env = tiny_corpus(tmp), dict(os.environ)
+  data, env = tiny_corpus(tmp), training_env(tmp)
   first_checkpoint = []
 
   def watch(elapsed: float) -> bool:
