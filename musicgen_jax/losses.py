@@ -30,7 +30,8 @@ def position_weights(window: int, predict_last: int) -> jax.Array:
 def event_sums(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array], weights: jax.Array,
                time_bins: distributions.TimeBins | None = None,
                scales: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
-  """Weighted per-event sums of every loss and metric, so batches and hosts add up exactly.
+  """Weighted per-event sums of every loss and metric, so batches and hosts add up exactly. `outputs` and
+  `targets` share one layout, batch- or time-major, which `weights` broadcasts against.
 
   Distribution heads (`time_logits`, `velocity_logits`; they need `time_bins`) sum the NLL of each
   sub-event's class. Regression heads (`dt`, `velocity`) sum their L1 and squared errors and, given the

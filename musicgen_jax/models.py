@@ -33,6 +33,12 @@ class LSTMState(NamedTuple):
   c: jax.Array
 
 
+def swap_batch_time(tree: Any) -> Any:
+  """The arrays of `tree` with their first two axes, batch and time, swapped: the LSTM and the heads run
+  time-major, the model's inputs and outputs are batch-major."""
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), tree)
+
+
 def continuous_inputs(dt: jax.Array, velocity: jax.Array) -> jax.Array:
   """The scaled dt and velocity features fed beside the pitch embedding, shape [..., 2]."""
   dt_feature = jnp.log1p(jnp.maximum(dt, 0.0) / DT_INPUT_SCALE)
@@ -374,7 +380,7 @@ class MusicLSTM(nnx.Module):
     states. Only the narrow inputs are transposed: the scans read time-major, and the heads take any order."""
     if self.recurrence == "cudnn":
       return self.cudnn_features(inputs, state)
-    inputs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(inputs))
+    inputs = swap_batch_time(dict(inputs))
     extra = continuous_inputs(inputs["dt"], inputs["velocity"]) if self.inputs == "pitch+dt+velocity" else None
     x, first_final = self.lstm[0].run(self.lstm[0].project_embedded(self.embed, inputs["pitch"], extra), state[0])
     final = [first_final]
@@ -391,7 +397,7 @@ class MusicLSTM(nnx.Module):
       x = jnp.concatenate([x, continuous_inputs(inputs["dt"], inputs["velocity"]).astype(x.dtype)], -1)
     outputs, h, c = cudnn_lstm.lstm(x, jnp.stack([s.h for s in state]), jnp.stack([s.c for s in state]),
                                     [layer.weights() for layer in self.lstm])
-    return jnp.swapaxes(outputs, 0, 1), tuple(LSTMState(*layer_final) for layer_final in zip(h, c))
+    return swap_batch_time(outputs), tuple(LSTMState(*layer_final) for layer_final in zip(h, c))
 
   def head_modules(self) -> dict[str, Head]:
     return {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}
@@ -435,25 +441,27 @@ class MusicLSTM(nnx.Module):
 
   def __call__(self, inputs: Mapping[str, jax.Array], state: tuple[LSTMState, ...] | None = None, *,
                targets: Mapping[str, jax.Array] | None = None, held: jax.Array | None = None,
-               isolate_heads: bool = True, rngs: nnx.Rngs | None = None
+               isolate_heads: bool = True, rngs: nnx.Rngs | None = None, time_major: bool = False
                ) -> tuple[dict[str, jax.Array], tuple[LSTMState, ...]]:
     """Predicts the next event at every position of `inputs` [batch, time]; dropout only with `rngs`.
     Distribution heads read the next events `targets` [batch, time] (teacher forcing) and, where
     `reads_held`, the pitches held after each input (`held_pitches`), from those held before the first
-    (`held` [batch, 128], default silence: a window of a piece's middle starts with notes held)."""
+    (`held` [batch, 128], default silence: a window of a piece's middle starts with notes held). Outputs are
+    [batch, time, ...], or with `time_major` [time, batch, ...] as the heads compute them: the losses read
+    them so, and no logits are transposed."""
     if state is None:
       state = self.initial_state(inputs["pitch"].shape[0])
     features, final = self.features(inputs, state)
-    return self.window_outputs(features, inputs, targets, held, isolate_heads=isolate_heads, rngs=rngs), final
+    outputs = self.window_outputs(features, inputs, targets, held, isolate_heads=isolate_heads, rngs=rngs)
+    return (outputs if time_major else swap_batch_time(outputs)), final
 
   def window_outputs(self, features: jax.Array, inputs: Mapping[str, jax.Array],
                      targets: Mapping[str, jax.Array] | None, held: jax.Array | None, *, isolate_heads: bool,
                      rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
-    """The heads' outputs [batch, time, ...] over a window from the LSTM's time-major `features` and the
-    window's `inputs`, `targets` and `held` as `__call__` takes them."""
+    """The heads' outputs, time-major [time, batch, ...], over a window from the LSTM's time-major `features`
+    and the window's `inputs`, `targets` and `held` as `__call__` takes them."""
     if targets is not None:
-      targets = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), dict(targets))
+      targets = swap_batch_time(dict(targets))
     if self.reads_held:
-      held = jnp.swapaxes(held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"], held), 0, 1)
-    outputs = self.heads(features, targets, held, isolate_heads=isolate_heads, rngs=rngs)
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), outputs)
+      held = swap_batch_time(held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"], held))
+    return self.heads(features, targets, held, isolate_heads=isolate_heads, rngs=rngs)

@@ -53,8 +53,8 @@ def train_step(state: TrainState, metrics: dict[str, jax.Array], batch: Mapping[
   def loss_fn(params: nnx.State) -> tuple[jax.Array, tuple[dict, dict]]:
     model = nnx.merge(graphdef, params)
     outputs, _ = model(batch["inputs"], targets=batch["targets"], held=batch["held"],
-                       isolate_heads=isolate_heads, rngs=nnx.Rngs(dropout=dropout_key))
-    sums = event_sums(outputs, batch["targets"], weights, model.time_bins)
+                       isolate_heads=isolate_heads, rngs=nnx.Rngs(dropout=dropout_key), time_major=True)
+    sums = event_sums(outputs, models.swap_batch_time(batch["targets"]), weights[:, None], model.time_bins)
     losses = losses_from_sums(sums)
     return sum(losses.values()), (sums, losses)
 
@@ -95,8 +95,9 @@ def eval_step(params: nnx.State, batch: Mapping[str, Any], scales: Mapping[str, 
               graphdef: nnx.GraphDef, weights: jax.Array) -> dict[str, jax.Array]:
   """Summed metrics of one evaluation batch, padding rows masked out; `scales` as in `event_sums`."""
   model = nnx.merge(graphdef, params)
-  outputs, _ = model(batch["inputs"], targets=batch["targets"], held=batch["held"])
-  return event_sums(outputs, batch["targets"], weights[None, :] * batch["mask"][:, None], model.time_bins, scales)
+  outputs, _ = model(batch["inputs"], targets=batch["targets"], held=batch["held"], time_major=True)
+  return event_sums(outputs, models.swap_batch_time(batch["targets"]), weights[:, None] * batch["mask"][None, :],
+                    model.time_bins, scales)
 
 
 def data_mesh(config: ml_collections.ConfigDict) -> Mesh:

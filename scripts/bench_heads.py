@@ -47,7 +47,7 @@ def main() -> None:
       model = nnx.merge(graphdef, params)
       outputs = model.window_outputs(features, batch["inputs"], batch["targets"], batch["held"],
                                      isolate_heads=config.train.isolation == "strict", rngs=nnx.Rngs(dropout=key))
-      sums = losses.event_sums(outputs, batch["targets"], weights, model.time_bins)
+      sums = losses.event_sums(outputs, models.swap_batch_time(batch["targets"]), weights[:, None], model.time_bins)
       return sum(losses.losses_from_sums(sums).values())
 
     return jax.grad(loss, argnums=(0, 1))(params, features)
