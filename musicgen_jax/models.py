@@ -156,21 +156,25 @@ AGE_STEP = 0.5  # Spacing of the age grid in log1p(age / 10 ms).
 AGE_POINTS = 19  # Grid points 0, 0.5, ..., 9: ages 0 to 81 s; older notes read as the last point.
 
 
-def held_pitches(pitch: jax.Array, dt: jax.Array, velocity: jax.Array, before: jax.Array | None = None) -> jax.Array:
+def held_pitches(pitch: jax.Array, dt: jax.Array, velocity: jax.Array, before: jax.Array | None = None, *,
+                 time_major: bool = False) -> jax.Array:
   """For how many seconds each pitch has sounded since its onset [B, T, 128] after each event of streams
   [B, T] (SILENT where it does not sound), given the same before the first event (`before` [B, 128], default
-  silence): a pitch's latest event decides whether it sounds, an onset or a release."""
-  batch, length = pitch.shape
-  positions = jnp.arange(length)[None, :, None]
+  silence): a pitch's latest event decides whether it sounds, an onset or a release. With `time_major` the
+  streams are [T, B] and the result [T, B, 128], as the heads read it: computed so, not transposed."""
+  if not time_major:
+    return swap_batch_time(held_pitches(*swap_batch_time((pitch, dt, velocity)), before, time_major=True))
+  length, batch = pitch.shape
+  positions = jnp.arange(length)[:, None, None]
   # The latest event of each pitch so far; an associative scan takes a fifth of `lax.cummax`'s time on a CPU.
   latest = jax.lax.associative_scan(
-      jnp.maximum, jnp.where(pitch[..., None] == jnp.arange(NUM_PITCHES), positions, -1), axis=1)
-  index = jnp.arange(batch)[:, None, None] * length + jnp.maximum(latest, 0)  # In the flattened [B * T] streams.
+      jnp.maximum, jnp.where(pitch[..., None] == jnp.arange(NUM_PITCHES), positions, -1), axis=0)
+  index = jnp.maximum(latest, 0) * batch + jnp.arange(batch)[None, :, None]  # In the flattened [T * B] streams.
   onset = (velocity > 0).ravel().at[index].get(mode="promise_in_bounds")
-  clock = jnp.cumsum(dt.astype(jnp.float32), axis=1)
+  clock = jnp.cumsum(dt.astype(jnp.float32), axis=0)
   since_latest = clock[..., None] - clock.ravel().at[index].get(mode="promise_in_bounds")
-  before = jnp.full((pitch.shape[0], NUM_PITCHES), SILENT) if before is None else before
-  carried = jnp.where(before[:, None, :] >= 0, before[:, None, :] + clock[..., None], SILENT)
+  before = jnp.full((batch, NUM_PITCHES), SILENT) if before is None else before
+  carried = jnp.where(before[None] >= 0, before[None] + clock[..., None], SILENT)
   return jnp.where(latest >= 0, jnp.where(onset, since_latest, SILENT), carried)
 
 
@@ -463,5 +467,6 @@ class MusicLSTM(nnx.Module):
     if targets is not None:
       targets = swap_batch_time(dict(targets))
     if self.reads_held:
-      held = swap_batch_time(held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"], held))
+      time_major = swap_batch_time((inputs["pitch"], inputs["dt"], inputs["velocity"]))
+      held = held_pitches(*time_major, held, time_major=True)
     return self.heads(features, targets, held, isolate_heads=isolate_heads, rngs=rngs)
