@@ -242,9 +242,13 @@ def read_held(held: jax.Array) -> HeldTerms:
   sounding, position = held >= 0, age_position(held)
   lower, above = grid_cell(position)
   weight = sounding.astype(jnp.float32)
-  index = flat_index(lower)
-  census = jnp.zeros(held[..., 0].size * AGE_POINTS).at[index].add(weight * (1.0 - above), mode="promise_in_bounds")
-  census = census.at[index + 1].add(weight * above, mode="promise_in_bounds")
+  # Each note adds to the two grid points around its age at once: one scatter of pairs, whose update array
+  # is computed in one pass (two scatters of single values each recomputed the ages).
+  pairs = jnp.stack([weight * (1.0 - above), weight * above], axis=-1).reshape(-1, 2)
+  pair_at = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(),
+                                            scatter_dims_to_operand_dims=(0,))
+  census = jax.lax.scatter_add(jnp.zeros(held[..., 0].size * AGE_POINTS), flat_index(lower).reshape(-1, 1), pairs,
+                               pair_at, mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
   return HeldTerms(sounding, position, census.reshape(*held.shape[:-1], AGE_POINTS))
 
 
