@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from musicgen_jax import models
+from musicgen_jax import losses, models
 from musicgen_jax.config import apply_overrides, load_config
 from musicgen_jax.errors import UserError
 
@@ -54,6 +54,23 @@ def test_output_shapes(inputs, heads):
     assert outputs["time_logits"].shape == (3, 7, 401)  # dt = 0, then 10 ms bins up to 4 s.
     assert outputs["velocity_logits"].shape == (3, 7, 128)
   assert len(state) == 3 and state[0].h.shape == (3, 64)
+
+
+@pytest.mark.parametrize("heads", models.HEAD_MODES)
+def test_time_major_outputs_are_the_batch_major_ones_and_score_the_same(heads):
+  """The train and evaluation steps score the outputs time-major, as the heads compute them."""
+  model, x = tiny_model(f"model.heads={heads}"), random_inputs(3, 12)
+  held = jnp.where(jax.random.uniform(jax.random.key(0), (3, 128)) < 0.2, 0.5, models.SILENT)
+  outputs = {layout: nnx.jit(lambda model, time_major=layout == "time": model(
+      x, targets=TARGETS, held=held, time_major=time_major)[0])(model) for layout in ("batch", "time")}
+  for key, value in outputs["batch"].items():
+    np.testing.assert_array_equal(models.swap_batch_time(outputs["time"][key]), value)
+  weights = losses.position_weights(12, 5)  # The last five positions only: the weights must follow the layout.
+  by_batch = losses.event_sums(outputs["batch"], TARGETS, weights, model.time_bins)
+  by_time = losses.event_sums(outputs["time"], models.swap_batch_time(TARGETS), weights[:, None], model.time_bins)
+  assert by_batch.keys() == by_time.keys()
+  for key, value in by_batch.items():
+    np.testing.assert_allclose(by_time[key], value, rtol=1e-6)
 
 
 def test_a_time_mixture_head_outputs_its_parameters():
