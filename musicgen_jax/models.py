@@ -290,9 +290,11 @@ class Head(nnx.Module):
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = (),
-               held: HeldTerms | None = None, own: jax.Array | None = None) -> jax.Array:
+               held: HeldTerms | None = None, own: jax.Array | None = None,
+               first_layer: jax.Array | None = None) -> jax.Array:
     """Applies the head to `x` [..., features], the class ids `conditions` (each shaped [...]) and, where it
-    reads them, the held pitches `held` and the drawn pitch's `age_weights` `own` [..., AGE_POINTS]. All
+    reads them, the held pitches `held` and the drawn pitch's `age_weights` `own` [..., AGE_POINTS]; given
+    `first_layer`, the first layer's weights and bias already applied to `x` (`MusicLSTM.first_layers`). All
     leading axes are folded into one first: with a single row axis the weight gradients are plain matmuls,
     where with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward
     pass took twice as long on CPU)."""
@@ -304,7 +306,10 @@ class Head(nnx.Module):
       own = own.reshape(-1, own.shape[-1])
     for depth, layer in enumerate(self.hidden):
       kernel, bias = layer.kernel.value.astype(layer.dtype), layer.bias.value.astype(layer.dtype)
-      x = dense(x.astype(layer.dtype), kernel) + bias
+      if depth or first_layer is None:
+        x = dense(x.astype(layer.dtype), kernel) + bias
+      else:
+        x = first_layer.reshape(x.shape[0], -1)
       if depth == 0:
         for table, ids in zip(self.conditions, conditions):
           x = x + table(ids.reshape(-1))
@@ -411,18 +416,30 @@ class MusicLSTM(nnx.Module):
     return {"pitch": self.pitch_head, "time": self.time_head, "velocity": self.velocity_head}
 
   def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array],
-                  held: HeldTerms | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> jax.Array:
+                  held: HeldTerms | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None,
+                  first_layer: jax.Array | None = None) -> jax.Array:
     """The output of sub-event `name`'s head from the features [..., hidden], the classes [...] of the
     sub-events before it in `self.order` (`before` may hold more; only those are read) and, for heads
     that read them, the held pitches (`read_held`) and, once the event's pitch is drawn, that pitch's age
-    (none for an onset)."""
+    (none for an onset); `first_layer` as `Head` takes it."""
     head = self.head_modules()[name]
     x = jax.lax.stop_gradient(features) if isolate_heads and name != "pitch" else features
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
     own = None
     if head.own is not None:
       own = held.pitch_age(before["pitch"])
-    return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own)
+    return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own,
+                first_layer=first_layer)
+
+  def first_layers(self, features: jax.Array) -> dict[str, jax.Array]:
+    """Each head's first layer (its weights and bias) applied to `features` [..., hidden], all heads in one
+    matmul: the sampler's heads run one after another, and these are the part that none of the draws
+    before a head changes (about 2% more events/s at B = 64 on two CPU cores)."""
+    heads = [self.head_modules()[name].hidden[0] for name in self.order]
+    kernel = jnp.concatenate([layer.kernel.value.astype(layer.dtype) for layer in heads], 1)
+    bias = jnp.concatenate([layer.bias.value.astype(layer.dtype) for layer in heads])
+    out = dense(features.astype(heads[0].dtype), kernel) + bias
+    return dict(zip(self.order, jnp.split(out, len(heads), axis=-1)))
 
   @property
   def reads_held(self) -> bool:

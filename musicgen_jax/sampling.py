@@ -171,9 +171,10 @@ def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, se
   sounding = held >= 0
   held_terms = models.read_held(held) if model.reads_held else None
   sub_keys = jax.vmap(lambda key: jax.random.split(key, len(model.order) + 1))(keys)
-  drawn = {}
+  drawn, first_layers = {}, model.first_layers(features)
   for i, name in enumerate(model.order):
-    logits = model.head_logits(name, features, drawn, held_terms, isolate_heads=False, rngs=None)
+    logits = model.head_logits(name, features, drawn, held_terms, isolate_heads=False, rngs=None,
+                               first_layer=first_layers[name])
     if name == "time":
       tempered = distributions.temper_time(logits, settings.time_temperature, model.time_bins)
       dt = draw_dt(sub_keys[:, i], sub_keys[:, -1], tempered, model.time_bins)

@@ -191,6 +191,23 @@ def test_distribution_heads_read_which_pitches_are_held_and_for_how_long():
     assert not np.allclose(logits[0], logits[1]) and not np.allclose(logits[1], logits[2]), name
 
 
+@pytest.mark.parametrize("heads", models.HEAD_MODES)
+def test_first_layers_of_all_heads_at_once_give_each_head_s_outputs(heads):
+  """The sampler applies every head's first layer in one matmul; each head then gives what it gives alone."""
+  model = tiny_model(f"model.heads={heads}")
+  features = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64)), jnp.float32)
+  before = {"pitch": jnp.full((4,), 60), "velocity": jnp.full((4,), 80), "time": jnp.full((4,), 3)}
+  held = models.read_held(jnp.full((4, 128), -1.0).at[:, 60].set(0.5)) if model.reads_held else None
+  first_layers = model.first_layers(features)
+  assert sorted(first_layers) == sorted(model.order)
+  for name in model.order:
+    alone, together, shifted = (
+        model.head_logits(name, features, before, held, isolate_heads=False, rngs=None, first_layer=f)
+        for f in (None, first_layers[name], first_layers[name] + 1.0))
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(shifted, alone), name  # The head reads the first layer it is given.
+
+
 def test_heads_after_the_pitch_read_whether_the_event_releases_it_and_its_age():
   """With the count of held notes by age zeroed, the velocity head (after the pitch) still changes with
   what is held at the drawn pitch, and only there."""
