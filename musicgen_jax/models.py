@@ -64,13 +64,18 @@ def resolve_recurrence(name: str, dtype: Any) -> str:
   return name
 
 
+def cell_update(gates: jax.Array, c: jax.Array) -> LSTMState:
+  """The textbook LSTM cell from its gates' float32 pre-activations [batch, 4 * hidden] (i, f, g, o) and the
+  cell state `c` [batch, hidden]."""
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+  return LSTMState(jax.nn.sigmoid(o) * jnp.tanh(c), c)
+
+
 def lstm_cell(state: LSTMState, gate_inputs: jax.Array, kernel: jax.Array) -> LSTMState:
   """One step of the textbook LSTM from `gate_inputs` [batch, 4 * hidden], the input projection plus bias in
-  float32, and the recurrent `kernel` [hidden, 4 * hidden] in the compute dtype; gates i, f, g, o."""
-  gates = gate_inputs + dense(state.h.astype(kernel.dtype), kernel)
-  i, f, g, o = jnp.split(gates, 4, axis=-1)
-  c = jax.nn.sigmoid(f) * state.c + jax.nn.sigmoid(i) * jnp.tanh(g)
-  return LSTMState(jax.nn.sigmoid(o) * jnp.tanh(c), c)
+  float32, and the recurrent `kernel` [hidden, 4 * hidden] in the compute dtype."""
+  return cell_update(gate_inputs + dense(state.h.astype(kernel.dtype), kernel), state.c)
 
 
 def scan_recurrence(projected: jax.Array, bias: jax.Array, kernel: jax.Array,
@@ -145,6 +150,12 @@ class LSTMLayer(nnx.Module):
       return scan_recurrence(projected, bias, kernel, state)
     outputs, h, c = fused_lstm.recurrence(projected, bias, kernel, state.h, state.c)
     return outputs, LSTMState(h, c)
+
+  def recurrent_term(self, state: LSTMState) -> jax.Array:
+    """h times the recurrent kernel, plus the bias [batch, 4 * hidden] in float32: the part of the next
+    position's gates that `state` alone decides (`MusicLSTM.step` adds the input projection)."""
+    kernel = self.recurrent_kernel.value.astype(self.dtype)
+    return dense(state.h.astype(self.dtype), kernel) + self.input_proj.bias.value.astype(self.dtype).astype(jnp.float32)
 
   def weights(self) -> cudnn_lstm.LayerWeights:
     """The input kernel, recurrent kernel and bias, as `cudnn_lstm` takes them."""
@@ -401,6 +412,25 @@ class MusicLSTM(nnx.Module):
       x, layer_final = layer(x, layer_state)
       final.append(layer_final)
     return x, tuple(final)
+
+  def recurrent_terms(self, state: tuple[LSTMState, ...]) -> tuple[jax.Array, ...]:
+    """Each layer's `LSTMLayer.recurrent_term` of `state`, what `step` reads beside the next event."""
+    return tuple(layer.recurrent_term(layer_state) for layer, layer_state in zip(self.lstm, state))
+
+  def step(self, event: Mapping[str, jax.Array], state: tuple[LSTMState, ...],
+           recurrent: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[LSTMState, ...]]:
+    """The top layer's output [batch, hidden] and every layer's new state after one event per row (`event`
+    [batch]), given the states and their `recurrent_terms`: the same LSTM as `features`, one position as the
+    textbook cell. The sampler computes the next recurrent terms beside its draws, where on two CPU cores
+    they run while the heads wait on each other's draws."""
+    extra = continuous_inputs(event["dt"], event["velocity"]) if self.inputs == "pitch+dt+velocity" else None
+    gate_inputs = self.lstm[0].project_embedded(self.embed, event["pitch"], extra)
+    new_state = []
+    for layer, layer_state, term in zip(self.lstm, state, recurrent):
+      if new_state:
+        gate_inputs = layer.project(new_state[-1].h)
+      new_state.append(cell_update(gate_inputs + term, layer_state.c))
+    return new_state[-1].h, tuple(new_state)
 
   def cudnn_features(self, inputs: Mapping[str, jax.Array],
                      state: tuple[LSTMState, ...]) -> tuple[jax.Array, tuple[LSTMState, ...]]:

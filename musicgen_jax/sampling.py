@@ -3,8 +3,11 @@
 
 Each step feeds the previous event (one position) to the model from the carried state, draws the next
 event and feeds it back, so a step costs one position whatever the length (the original re-ran a
-256-event window). The loop carries which pitches sound and since when (`models.held_pitches`), so
-that a release always names a sounding pitch and an onset a silent one:
+256-event window). With distribution heads, which run one after another, the carry also holds each
+layer's recurrent term for the next step (`MusicLSTM.step`), computed from the new state beside the
+draws; regression heads run side by side and keep the window's recurrence. The loop carries which
+pitches sound and since when (`models.held_pitches`), so that a release always names a sounding pitch
+and an onset a silent one:
   * distribution heads (`draw_event`): every sub-event is drawn from its head in the model's order,
     each head reading those drawn before it, restricted by `allowed_classes`; the pitch with
     temperature, top-k and top-p, time and velocity with temperatures of their own;
@@ -261,19 +264,23 @@ def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array,
     held = jnp.full((1, models.NUM_PITCHES), models.SILENT)
   state, event, held = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), (state, event, held))
 
-  def step(carry: tuple[State, Event, jax.Array], t: jax.Array) -> tuple[tuple[State, Event, jax.Array], Event]:
-    state, event, held = carry
-    inputs = jax.tree.map(lambda x: x[:, None], event)
+  Carry = tuple[State, tuple[jax.Array, ...], Event, jax.Array]
+
+  def step(carry: Carry, t: jax.Array) -> tuple[Carry, Event]:
+    state, recurrent, event, held = carry
     if model.head_mode == "regression":
-      outputs, state = model(inputs, state)
+      outputs, state = model(jax.tree.map(lambda x: x[:, None], event), state)
       event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings, held >= 0)
     else:
-      features, state = model.features(inputs, state)
-      event = draw_event(model, features[0], step_keys(keys, t), settings, held)
-    return (state, event, update_held(held, event)), event
+      features, state = model.step(event, state, recurrent)
+      event = draw_event(model, features, step_keys(keys, t), settings, held)
+      recurrent = model.recurrent_terms(state)
+    return (state, recurrent, event, update_held(held, event)), event
 
-  carry, events = jax.lax.scan(step, (state, event, held), jnp.arange(length) + first_step)
-  return jax.tree.map(lambda x: x.T, events), carry
+  recurrent = () if model.head_mode == "regression" else model.recurrent_terms(state)
+  (state, _, event, held), events = jax.lax.scan(step, (state, recurrent, event, held),
+                                                 jnp.arange(length) + first_step)
+  return jax.tree.map(lambda x: x.T, events), (state, event, held)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

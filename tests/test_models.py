@@ -145,6 +145,28 @@ def test_pitch_only_model_ignores_dt_and_velocity():
   np.testing.assert_array_equal(a["pitch_logits"], b["pitch_logits"])
 
 
+@pytest.mark.parametrize("recurrence", ["scan", "fused"])
+def test_steps_one_position_at_a_time_follow_the_window_s_features(recurrence):
+  """The sampler's `step` (the textbook cell at one position, the recurrent terms carried) is the LSTM that
+  `features` runs over a window, for every recurrence."""
+  model, x = tiny_model(f"model.recurrence={recurrence}"), random_inputs(3, 6)
+  features, final = nnx.jit(lambda model: model.features(x, model.initial_state(3)))(model)
+
+  @nnx.jit
+  def stepped(model):
+    state, outputs = model.initial_state(3), []
+    for t in range(6):
+      output, state = model.step(jax.tree.map(lambda a: a[:, t], x), state, model.recurrent_terms(state))
+      outputs.append(output)
+    return jnp.stack(outputs), state
+
+  outputs, state = stepped(model)
+  np.testing.assert_allclose(outputs, features, atol=1e-5)  # Both time-major [T, B, hidden].
+  for got, want in zip(state, final):
+    np.testing.assert_allclose(got.h, want.h, atol=1e-5)
+    np.testing.assert_allclose(got.c, want.c, atol=1e-5)
+
+
 def test_state_carries_across_calls_like_one_long_call():
   """The LSTM state and the pitches held at the end of the first call continue into the second."""
   model = tiny_model()
