@@ -145,17 +145,21 @@ class LSTMLayer(nnx.Module):
     `project` or `project_embedded`."""
     if projected.shape[0] == 0:  # Nothing to read (a one-event primer): the state stays as it is.
       return jnp.zeros((0, projected.shape[1], self.hidden), self.dtype), state
-    bias, kernel = self.input_proj.bias.value.astype(self.dtype), self.recurrent_kernel.value.astype(self.dtype)
+    bias, kernel = self.recurrent_weights()
     if self.recurrence == "scan":
       return scan_recurrence(projected, bias, kernel, state)
     outputs, h, c = fused_lstm.recurrence(projected, bias, kernel, state.h, state.c)
     return outputs, LSTMState(h, c)
 
+  def recurrent_weights(self) -> tuple[jax.Array, jax.Array]:
+    """The bias and the recurrent kernel in the compute dtype, as every recurrence reads them."""
+    return self.input_proj.bias.value.astype(self.dtype), self.recurrent_kernel.value.astype(self.dtype)
+
   def recurrent_term(self, state: LSTMState) -> jax.Array:
     """h times the recurrent kernel, plus the bias [batch, 4 * hidden] in float32: the part of the next
     position's gates that `state` alone decides (`MusicLSTM.step` adds the input projection)."""
-    kernel = self.recurrent_kernel.value.astype(self.dtype)
-    return dense(state.h.astype(self.dtype), kernel) + self.input_proj.bias.value.astype(self.dtype).astype(jnp.float32)
+    bias, kernel = self.recurrent_weights()
+    return dense(state.h.astype(self.dtype), kernel) + bias.astype(jnp.float32)
 
   def weights(self) -> cudnn_lstm.LayerWeights:
     """The input kernel, recurrent kernel and bias, as `cudnn_lstm` takes them."""
@@ -404,14 +408,18 @@ class MusicLSTM(nnx.Module):
     states. Only the narrow inputs are transposed: the scans read time-major, and the heads take any order."""
     if self.recurrence == "cudnn":
       return self.cudnn_features(inputs, state)
-    inputs = swap_batch_time(dict(inputs))
-    extra = continuous_inputs(inputs["dt"], inputs["velocity"]) if self.inputs == "pitch+dt+velocity" else None
-    x, first_final = self.lstm[0].run(self.lstm[0].project_embedded(self.embed, inputs["pitch"], extra), state[0])
+    x, first_final = self.lstm[0].run(self.input_projection(swap_batch_time(dict(inputs))), state[0])
     final = [first_final]
     for layer, layer_state in zip(self.lstm[1:], state[1:]):
       x, layer_final = layer(x, layer_state)
       final.append(layer_final)
     return x, tuple(final)
+
+  def input_projection(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
+    """The first layer's input projection [..., 4 * hidden] of events `inputs` (pitch, and dt and velocity
+    where the model reads them) of any shape [...]."""
+    extra = continuous_inputs(inputs["dt"], inputs["velocity"]) if self.inputs == "pitch+dt+velocity" else None
+    return self.lstm[0].project_embedded(self.embed, inputs["pitch"], extra)
 
   def recurrent_terms(self, state: tuple[LSTMState, ...]) -> tuple[jax.Array, ...]:
     """Each layer's `LSTMLayer.recurrent_term` of `state`, what `step` reads beside the next event."""
@@ -423,8 +431,7 @@ class MusicLSTM(nnx.Module):
     [batch]), given the states and their `recurrent_terms`: the same LSTM as `features`, one position as the
     textbook cell. The sampler computes the next recurrent terms beside its draws, where on two CPU cores
     they run while the heads wait on each other's draws."""
-    extra = continuous_inputs(event["dt"], event["velocity"]) if self.inputs == "pitch+dt+velocity" else None
-    gate_inputs = self.lstm[0].project_embedded(self.embed, event["pitch"], extra)
+    gate_inputs = self.input_projection(event)
     new_state = []
     for layer, layer_state, term in zip(self.lstm, state, recurrent):
       if new_state:
