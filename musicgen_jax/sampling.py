@@ -246,8 +246,8 @@ def start(model: models.MusicLSTM) -> tuple[State, Event]:
 
 
 def prime(model: models.MusicLSTM, primer: Event) -> tuple[State, Event]:
-  """The state after all but the last event of `primer` [1, P] (one model call) and that last event."""
-  _, state = model.features(jax.tree.map(lambda x: x[:, :-1], primer), model.initial_state(1))
+  """The state after all but the last event of `primer` [B, P] (one model call) and that last event."""
+  _, state = model.features(jax.tree.map(lambda x: x[:, :-1], primer), model.initial_state(primer["pitch"].shape[0]))
   return state, jax.tree.map(lambda x: x[:, -1], primer)
 
 

@@ -1,0 +1,189 @@
+"""Where a run's generated music drifts from the data: one checkpoint against real pieces, by depth.
+
+Generated music can be denser or hold more notes than the data although the model scores well: each drawn
+event feeds back through the LSTM state. Three views of a run with distribution heads tell where:
+  * teacher-forced on the first --length events of --pieces pieces of --split: by depth, the mean actual dt
+    against the time head's expected dt, the release rate against the model's probability of a release
+    (with every sub-event drawn before the velocity, or the pitch, known) and the notes held;
+  * the same on the model's own samples from silence: there drawn and expected agree when the sampler
+    draws what the model says;
+  * free-running after a primer: each piece's first --primer events set the state, --continuation events
+    are drawn (the run's sampling settings) and set beside the piece's real continuation: notes per second
+    and notes held, by depth.
+dt above the time head's last bin counts as that bin (`sample.max_dt` clips drawn gaps so too).
+
+  python scripts/diagnose_generation.py --workdir RUN --data DATA [--split validation] [--pieces 32]
+      [--length 2048] [--primer 512] [--continuation 1024] [--segment 256] [--seed 0] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from musicgen_jax import checkpointing, distributions, input_pipeline, models, sampling
+from musicgen_jax.errors import UserError
+
+Events = dict[str, np.ndarray]
+
+
+def first_events(data: str, split: str, count: int, length: int) -> Events:
+  """The first `length` events [count, length] of the first `count` pieces of the split that hold that many."""
+  store = input_pipeline.open_store(data, split)
+  chosen = [i for i in range(store.num_pieces) if store.lengths[i] >= length][:count]
+  if len(chosen) < count:
+    raise UserError(f"{split} holds {len(chosen)} pieces of at least {length} events, not {count}: "
+                    "ask for fewer --pieces or shorter --length, --primer or --continuation")
+  pieces = [store.piece(i) for i in chosen]
+  return {"pitch": np.stack([p.pitch[:length] for p in pieces]).astype(np.int32),
+          "dt": np.stack([p.dt[:length] for p in pieces]).astype(np.float32),
+          "velocity": np.stack([p.velocity[:length] for p in pieces]).astype(np.float32)}
+
+
+def time_class_probabilities(outputs: jax.Array, bins: distributions.TimeBins) -> jax.Array:
+  """P(time class) [..., bins.count] from the time head's outputs [..., bins.outputs]."""
+  if not bins.mixture:
+    return jax.nn.softmax(outputs.astype(jnp.float32), axis=-1)
+  return jnp.exp(-distributions.time_nll(outputs[..., None, :], jnp.arange(bins.count), bins))
+
+
+@nnx.jit
+def teacher_forced(model: models.MusicLSTM, events: Events) -> dict[str, jax.Array]:
+  """Per event of streams [B, T] that start in silence: the model's expected dt and P(release) given what came
+  before, and the notes held before it."""
+  start = {k: jnp.full((events["pitch"].shape[0], 1), v, events[k].dtype) for k, v in sampling.START_EVENT.items()}
+  inputs = {k: jnp.concatenate([start[k], events[k][:, :-1]], axis=1) for k in events}
+  outputs, _ = model(inputs, targets=events)
+  sounding = models.held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"]) >= 0
+  bins = model.time_bins
+  midpoints = distributions.dt_of_class(jnp.arange(bins.count), jnp.float32(0.5), bins)
+  expected_dt = jax.lax.map(lambda piece: time_class_probabilities(piece, bins) @ midpoints, outputs["time_logits"])
+  if model.order.index("velocity") < model.order.index("pitch"):
+    release = jax.nn.softmax(outputs["velocity_logits"].astype(jnp.float32), axis=-1)[..., 0]
+  else:
+    release = jnp.sum(jnp.where(sounding, jax.nn.softmax(outputs["pitch_logits"].astype(jnp.float32), -1), 0.0), -1)
+  return {"expected_dt": expected_dt, "p_release": release, "held": jnp.sum(sounding, axis=-1)}
+
+
+@nnx.jit(static_argnames="length")
+def continuation(model: models.MusicLSTM, primer: Events, keys: jax.Array, settings: sampling.Settings,
+                 length: int) -> Events:
+  """`length` events [B, length] drawn after each row of `primer` [B, P], as `generate --primer` draws them."""
+  state, event = sampling.prime(model, primer)
+  return sampling.sample(model, state, event, keys, settings, length, sampling.held_after(primer))[0]
+
+
+def segments(total: int, size: int) -> list[tuple[int, int]]:
+  """[start, end) of the consecutive depth segments of `size` events that cover `total`."""
+  return [(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def notes_per_second(events: Events, max_dt: float) -> float:
+  """Onsets per second of music over all rows of `events`, gaps clipped at `max_dt`."""
+  return float(np.sum(events["velocity"] > 0) / np.sum(np.minimum(events["dt"], max_dt), dtype=np.float64))
+
+
+def notes_held(events: Events) -> np.ndarray:
+  """The notes sounding [B, T] after each event of streams [B, T] that start in silence."""
+  return np.asarray(jnp.sum(models.held_pitches(*(jnp.asarray(events[k]) for k in ("pitch", "dt", "velocity"))) >= 0,
+                            axis=-1))
+
+
+def calibration(model: models.MusicLSTM, events: Events, size: int) -> list[dict[str, Any]]:
+  """`teacher_forced` on `events`, averaged over each depth segment, beside the actual dt and releases."""
+  predicted = jax.tree.map(np.asarray, teacher_forced(model, {k: jnp.asarray(v) for k, v in events.items()}))
+  actual_dt = np.minimum(events["dt"], model.time_bins.max_dt)
+  return [{"events": [lo, hi], "dt_ms": 1e3 * float(actual_dt[:, lo:hi].mean()),
+           "expected_dt_ms": 1e3 * float(predicted["expected_dt"][:, lo:hi].mean()),
+           "release_rate": float(np.mean(events["velocity"][:, lo:hi] == 0)),
+           "p_release": float(predicted["p_release"][:, lo:hi].mean()),
+           "held": float(predicted["held"][:, lo:hi].mean())} for lo, hi in segments(events["dt"].shape[1], size)]
+
+
+def drift(model: models.MusicLSTM, pieces: Events, primer: int, settings: sampling.Settings, seed: int,
+          size: int) -> list[dict[str, Any]]:
+  """Notes per second and notes held, by depth after the primer, of the drawn and the real continuations."""
+  head = {k: v[:, :primer] for k, v in pieces.items()}
+  length = pieces["dt"].shape[1] - primer
+  keys = sampling.sequence_keys(seed, 0, pieces["dt"].shape[0])
+  drawn = jax.tree.map(np.asarray, continuation(model, head, keys, settings, length))
+  real = {k: v[:, primer:] for k, v in pieces.items()}
+  real_held = notes_held(pieces)[:, primer:]
+  drawn_held = notes_held({k: np.concatenate([head[k], drawn[k].astype(head[k].dtype)], 1) for k in head})[:, primer:]
+  rows = []
+  for lo, hi in segments(length, size):
+    real_density, drawn_density = (notes_per_second({k: v[:, lo:hi] for k, v in stream.items()}, float(settings.max_dt))
+                                   for stream in (real, drawn))
+    rows.append({"events": [lo, hi], "real_notes_per_s": real_density, "drawn_notes_per_s": drawn_density,
+                 "ratio": drawn_density / real_density, "real_held": float(real_held[:, lo:hi].mean()),
+                 "drawn_held": float(drawn_held[:, lo:hi].mean())})
+  return rows
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """The report as three tables."""
+  lines = [f"run {report['workdir']} (step {report['step']}), {report['pieces']} pieces of {report['split']}"]
+  for name in ("real", "own samples"):
+    lines += ["", f"teacher-forced on {name}, first {report['length']} events",
+              f"{'events':>11} {'dt ms':>8} {'expected':>9} {'releases':>9} {'P(release)':>11} {'held':>6}"]
+    lines += [f"{row['events'][0]:5d}-{row['events'][1]:<5d} {row['dt_ms']:8.1f} {row['expected_dt_ms']:9.1f} "
+              f"{row['release_rate']:9.3f} {row['p_release']:11.3f} {row['held']:6.2f}" for row in report[name]]
+  lines += ["", f"free-running after a primer of {report['primer']} events: notes per second and notes held",
+            f"{'events':>11} {'real':>7} {'drawn':>7} {'ratio':>6} {'held real':>10} {'held drawn':>11}"]
+  lines += [f"{row['events'][0]:5d}-{row['events'][1]:<5d} {row['real_notes_per_s']:7.2f} "
+            f"{row['drawn_notes_per_s']:7.2f} {row['ratio']:6.3f} {row['real_held']:10.2f} {row['drawn_held']:11.2f}"
+            for row in report["continuation"]]
+  return "\n".join(lines)
+
+
+def diagnose(args: argparse.Namespace) -> dict[str, Any]:
+  """The three views of `diagnose` for the parsed command line."""
+  run = checkpointing.load_run(args.workdir, args.checkpoint)
+  if run.config.model.heads != "distribution":
+    raise UserError(f"{args.workdir} has {run.config.model.heads} heads: this diagnosis reads distribution heads")
+  model = nnx.merge(run.graphdef, run.params)
+  settings = sampling.make_settings(run.config)
+  pieces = first_events(args.data, args.split, args.pieces, max(args.length, args.primer + args.continuation))
+  state, event = sampling.start(model)
+  own, _ = sampling.sample_compiled(run.graphdef, run.params, state, event,
+                                    sampling.sequence_keys(args.seed, 0, args.pieces), settings, args.length)
+  return {"workdir": str(args.workdir), "step": run.step, "split": args.split, "pieces": args.pieces,
+          "length": args.length, "primer": args.primer,
+          "real": calibration(model, {k: v[:, :args.length] for k, v in pieces.items()}, args.segment),
+          "own samples": calibration(model, jax.tree.map(np.asarray, own), args.segment),
+          "continuation": drift(model, {k: v[:, :args.primer + args.continuation] for k, v in pieces.items()},
+                                args.primer, settings, args.seed, args.segment)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", required=True, help="run folder")
+  parser.add_argument("--data", required=True, help="prepared corpus (`musicgen prepare`)")
+  parser.add_argument("--split", default="validation")
+  parser.add_argument("--checkpoint", default="latest")
+  parser.add_argument("--pieces", type=int, default=32, help="pieces (rows) in each view")
+  parser.add_argument("--length", type=int, default=2048, help="events scored teacher-forced")
+  parser.add_argument("--primer", type=int, default=512, help="events of each piece that set the state")
+  parser.add_argument("--continuation", type=int, default=1024, help="events drawn after the primer")
+  parser.add_argument("--segment", type=int, default=256, help="events per depth segment")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+  args = parser.parse_args()
+  if min(args.pieces, args.length, args.primer, args.continuation, args.segment) < 1:
+    parser.error("--pieces, --length, --primer, --continuation and --segment must be at least 1")
+  try:
+    report = diagnose(args)
+  except UserError as error:
+    sys.exit(f"diagnose_generation: error: {error}")
+  print(json.dumps(report, indent=1) if args.json else format_report(report))
+
+
+if __name__ == "__main__":
+  main()

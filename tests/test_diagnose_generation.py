@@ -1,0 +1,98 @@
+"""scripts/diagnose_generation.py on a tiny run: the real pieces' side of every view is what the pieces hold,
+and the model's side is a distribution's expectation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musicgen_jax import cli, store
+from musicgen_jax.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+PIECES, LENGTH, PRIMER, CONTINUATION, SEGMENT = 3, 48, 16, 32, 16
+
+
+def random_piece(rng: np.random.Generator, length: int) -> store.Events:
+  """Onsets of silent pitches and releases of sounding ones, chords (dt 0) and a few gaps longer than the
+  time head's last bin."""
+  sounding, pitch, velocity = set(), [], []
+  for _ in range(length):
+    if sounding and rng.random() < 0.5:
+      pitch.append(rng.choice(sorted(sounding)))
+      sounding.discard(pitch[-1])
+      velocity.append(0)
+    else:
+      pitch.append(rng.choice(sorted(set(range(40, 80)) - sounding)))
+      sounding.add(pitch[-1])
+      velocity.append(rng.integers(1, 128))
+  dt = rng.choice(np.array([0.0, 0.05, 0.1, 0.3, 5.0], np.float32), size=length, p=[0.3, 0.3, 0.2, 0.15, 0.05])
+  return store.Events(np.array(pitch, np.uint8), dt, np.array(velocity, np.uint8))
+
+
+@pytest.fixture(scope="module")
+def run_and_data(tmp_path_factory) -> tuple[Path, Path, list[store.Events]]:
+  root = tmp_path_factory.mktemp("diagnose")
+  rng = np.random.default_rng(0)
+  pieces = [random_piece(rng, 64) for _ in range(PIECES)]
+  store.write_corpus(root / "data", {"train": pieces, "validation": pieces})
+  assert cli.main(["train", "--workdir", str(root / "run"), "--config", "tiny", "--data", str(root / "data"),
+                   "--quiet", "train.steps=2", "train.log_every=1"]) == 0
+  return root / "run", root / "data", pieces
+
+
+def diagnose(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+  return subprocess.run([sys.executable, str(REPO / "scripts" / "diagnose_generation.py"), *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+
+
+def held_after_each_event(piece: store.Events) -> np.ndarray:
+  sounding, counts = set(), []
+  for pitch, velocity in zip(piece.pitch, piece.velocity):
+    (sounding.add if velocity else sounding.discard)(int(pitch))
+    counts.append(len(sounding))
+  return np.array(counts)
+
+
+def test_the_real_side_is_what_the_pieces_hold_and_the_model_side_a_distribution(run_and_data):
+  run, data, pieces = run_and_data
+  process = diagnose("--workdir", str(run), "--data", str(data), "--pieces", str(PIECES), "--length", str(LENGTH),
+                     "--primer", str(PRIMER), "--continuation", str(CONTINUATION), "--segment", str(SEGMENT), "--json")
+  assert process.returncode == 0, process.stderr
+  report = json.loads(process.stdout)
+  max_dt = load_config("tiny").sample.max_dt
+  dt = np.stack([np.minimum(p.dt, max_dt) for p in pieces])
+  velocity = np.stack([p.velocity for p in pieces])
+  assert [row["events"] for row in report["real"]] == [[0, 16], [16, 32], [32, 48]]
+  for row in report["real"]:
+    lo, hi = row["events"]
+    assert row["dt_ms"] == pytest.approx(1e3 * dt[:, lo:hi].mean(), rel=1e-5)
+    assert row["release_rate"] == pytest.approx(np.mean(velocity[:, lo:hi] == 0))
+  for row in report["real"] + report["own samples"]:
+    assert 0.0 <= row["expected_dt_ms"] <= 1e3 * max_dt and 0.0 <= row["p_release"] <= 1.0 + 1e-6
+  held = np.stack([held_after_each_event(p) for p in pieces])[:, PRIMER:PRIMER + CONTINUATION]
+  onsets, gaps = velocity[:, PRIMER:PRIMER + CONTINUATION] > 0, dt[:, PRIMER:PRIMER + CONTINUATION]
+  assert [row["events"] for row in report["continuation"]] == [[0, 16], [16, 32]]
+  for row in report["continuation"]:
+    lo, hi = row["events"]
+    assert row["real_notes_per_s"] == pytest.approx(onsets[:, lo:hi].sum() / gaps[:, lo:hi].sum(), rel=1e-5)
+    assert row["real_held"] == pytest.approx(held[:, lo:hi].mean())
+    assert row["ratio"] == pytest.approx(row["drawn_notes_per_s"] / row["real_notes_per_s"])
+  tables = diagnose("--workdir", str(run), "--data", str(data), "--pieces", str(PIECES), "--length", str(LENGTH),
+                    "--primer", str(PRIMER), "--continuation", str(CONTINUATION), "--segment", str(SEGMENT))
+  assert tables.returncode == 0 and "free-running after a primer of 16 events" in tables.stdout
+
+
+def test_too_few_long_pieces_is_one_line(run_and_data):
+  run, data, _ = run_and_data
+  process = diagnose("--workdir", str(run), "--data", str(data), "--pieces", "4", "--length", "16", "--primer", "8",
+                     "--continuation", "8")
+  assert process.returncode == 1
+  assert process.stderr.strip().splitlines()[-1] == (
+      "diagnose_generation: error: validation holds 3 pieces of at least 16 events, not 4: ask for fewer "
+      "--pieces or shorter --length, --primer or --continuation")
