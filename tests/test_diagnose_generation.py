@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from musicgen_jax import cli, store
-from musicgen_jax.config import load_config
+from musicgen_jax import cli, models, store
+from musicgen_jax.config import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PIECES, LENGTH, PRIMER, CONTINUATION, SEGMENT = 3, 48, 16, 32, 16
@@ -96,3 +98,23 @@ def test_too_few_long_pieces_is_one_line(run_and_data):
   assert process.stderr.strip().splitlines()[-1] == (
       "diagnose_generation: error: validation holds 3 pieces of at least 16 events, not 4: ask for fewer "
       "--pieces or shorter --length, --primer or --continuation")
+
+
+@pytest.mark.parametrize("order", ["pitch,velocity,time", "velocity,pitch,time"])
+def test_a_release_is_as_likely_as_the_sampler_allows(order, monkeypatch):
+  """P(release) is a probability, 0 where nothing sounds (the first event, after the start event's release, and
+  wherever all notes have ended): the pitch head's mass on sounding pitches, or the velocity head's class 0
+  restricted as the sampler does."""
+  monkeypatch.syspath_prepend(str(REPO / "scripts"))
+  import diagnose_generation
+
+  config = apply_overrides(load_config("tiny"), [f"model.order={tuple(order.split(','))!r}"])
+  model = models.MusicLSTM(config.model, rngs=nnx.Rngs(params=0))
+  piece = random_piece(np.random.default_rng(1), 40)
+  events = {"pitch": jnp.asarray(piece.pitch[None], jnp.int32), "dt": jnp.asarray(piece.dt[None]),
+            "velocity": jnp.asarray(piece.velocity[None], jnp.float32)}
+  predicted = diagnose_generation.teacher_forced(model, events)
+  release, held = np.asarray(predicted["p_release"])[0], np.asarray(predicted["held"])[0]
+  assert np.array_equal(held, np.concatenate([[0], held_after_each_event(piece)[:-1]]))
+  assert np.all(release[held == 0] == 0.0) and np.all((release[held > 0] > 0.0) & (release[held > 0] < 1.0))
+  assert 0 < np.sum(held == 0) < len(held)
