@@ -66,11 +66,9 @@ def teacher_forced(model: models.MusicLSTM, events: Events) -> dict[str, jax.Arr
   midpoints = distributions.dt_of_class(jnp.arange(bins.count), jnp.float32(0.5), bins)
   expected_dt = jax.lax.map(lambda piece: time_class_probabilities(piece, bins) @ midpoints, outputs["time_logits"])
   if model.order.index("velocity") < model.order.index("pitch"):  # Restricted as the sampler restricts it.
-    velocity = jax.nn.softmax(outputs["velocity_logits"].astype(jnp.float32), axis=-1)[..., 0]
-    can_release = jnp.any(sounding, -1)
-    release = jnp.where(can_release, velocity, 0.0)
-    total = release + jnp.where(jnp.any(~sounding, -1), 1.0 - velocity, 0.0)
-    release = jnp.where(total > 0, release / jnp.where(total > 0, total, 1.0), can_release.astype(jnp.float32))
+    allowed = sampling.allowed_classes("velocity", {}, sounding, distributions.NUM_VELOCITIES)
+    logits = jnp.where(allowed, outputs["velocity_logits"].astype(jnp.float32), -jnp.inf)
+    release = jax.nn.softmax(logits, axis=-1)[..., 0]
   else:
     release = jnp.sum(jnp.where(sounding, jax.nn.softmax(outputs["pitch_logits"].astype(jnp.float32), -1), 0.0), -1)
   return {"expected_dt": expected_dt, "p_release": release, "held": jnp.sum(sounding, axis=-1)}
