@@ -103,22 +103,31 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
   return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, logits)
 
 
-def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
-  """One index per row of `logits` [B, V] by inverting its cumulative distribution at a uniform draw.
+def categorical(uniforms: jax.Array, logits: jax.Array) -> jax.Array:
+  """One index per row of `logits` [B, V] by inverting its cumulative distribution at `uniforms` [B] in [0, 1).
 
   One random number per row where `jax.random.categorical` draws V (Gumbel noise): the draws cost a
-  few percent of a step otherwise. Indices of probability 0 (logit -inf) are never drawn.
+  few percent of a step otherwise. The index is the first class of nonzero probability whose cumulative
+  mass passes the uniform's share (the last such class if rounding leaves none), so a class of
+  probability 0 (logit -inf) is never drawn: rounding leaves the cumulative sums a few ulps out of order
+  often enough that counting the sums below the point drew one about once in four million draws.
   """
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # Unnormalised: the point scales instead.
   # An associative scan: on a CPU `jnp.cumsum` is a reduce-window, two to three times slower at these sizes.
-  cumulative = jax.lax.associative_scan(jnp.add, jax.nn.softmax(logits, axis=-1), axis=-1)
-  point = jax.vmap(jax.random.uniform)(keys)[:, None] * cumulative[:, -1:]
-  return jnp.minimum(jnp.sum(cumulative <= point, axis=-1), logits.shape[-1] - 1)
+  cumulative = jax.lax.associative_scan(jnp.add, weights, axis=-1)
+  point = uniforms[:, None] * cumulative[:, -1:]
+  # One minimum over keys that rank the possible classes past the point first, by index, then the others from
+  # the last (XLA:CPU's argmax, a reduction of pairs, costs several times as much).
+  count, classes = logits.shape[-1], jnp.arange(logits.shape[-1])
+  rank = jnp.where(weights > 0, jnp.where(cumulative > point, classes, 2 * count - classes), 2 * count)
+  smallest = jnp.min(rank, axis=-1)
+  return jnp.where(smallest < count, smallest, 2 * count - smallest)
 
 
-def sample_pitch(keys: jax.Array, logits: jax.Array, settings: Settings) -> jax.Array:
-  """One pitch per row of `logits` [B, 128], each row drawn with its own key of `keys` [B]."""
+def sample_pitch(uniforms: jax.Array, logits: jax.Array, settings: Settings) -> jax.Array:
+  """One pitch per row of `logits` [B, 128], each row drawn at its own uniform of `uniforms` [B]."""
   logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p)
-  return categorical(keys, logits).astype(jnp.int32)
+  return categorical(uniforms, logits).astype(jnp.int32)
 
 
 def decode_velocity(predicted: jax.Array, release_threshold: jax.Array) -> jax.Array:
@@ -142,7 +151,7 @@ def next_event(outputs: Mapping[str, jax.Array], keys: jax.Array, settings: Sett
   allowed |= ~jnp.any(allowed, axis=-1, keepdims=True)
   onset_velocity = jnp.maximum(velocity, jnp.clip(jnp.ceil(settings.release_threshold), 1.0, models.MAX_VELOCITY))
   return {
-      "pitch": sample_pitch(keys, jnp.where(allowed, outputs["pitch_logits"], -jnp.inf), settings),
+      "pitch": sample_pitch(uniform(keys), jnp.where(allowed, outputs["pitch_logits"], -jnp.inf), settings),
       "dt": jnp.clip(outputs["dt"], 0.0, settings.max_dt),
       "velocity": jnp.where(release, 0.0, onset_velocity),
   }
@@ -185,9 +194,9 @@ def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, se
       continue
     logits = jnp.where(allowed_classes(name, drawn, sounding, logits.shape[-1]), logits, -jnp.inf)
     if name == "pitch":
-      drawn[name] = sample_pitch(sub_keys[:, i], logits, settings)
+      drawn[name] = sample_pitch(uniform(sub_keys[:, i]), logits, settings)
     else:
-      drawn[name] = categorical(sub_keys[:, i], logits / settings.velocity_temperature).astype(jnp.int32)
+      drawn[name] = categorical(uniform(sub_keys[:, i]), logits / settings.velocity_temperature).astype(jnp.int32)
   return {"pitch": drawn["pitch"], "dt": jnp.minimum(dt, settings.max_dt),
           "velocity": drawn["velocity"].astype(jnp.float32)}
 
@@ -197,17 +206,21 @@ def draw_dt(keys: jax.Array, value_keys: jax.Array, outputs: jax.Array, bins: di
   a categorical's class, then dt uniform inside its bin; a mixture's dt = 0 or a logistic, then dt from
   that logistic (longer than the last bin: its upper edge)."""
   if not bins.mixture:
-    time_class = categorical(keys, outputs)
-    return distributions.dt_of_class(time_class, jax.vmap(jax.random.uniform)(value_keys), bins)
+    return distributions.dt_of_class(categorical(uniform(keys), outputs), uniform(value_keys), bins)
   zero_logit, weights, location, inverse_scale = distributions.mixture_parameters(outputs)
   rows = jnp.arange(outputs.shape[0])
-  component = categorical(keys, weights)
+  component = categorical(uniform(keys), weights)
   zero_draw, logistic_draw = jax.vmap(lambda key: jax.random.uniform(key, (2,), minval=1e-7, maxval=1 - 1e-7))(
       value_keys).T
   log_dt = location[rows, component] + (jnp.log(logistic_draw) - jnp.log1p(-logistic_draw)) / inverse_scale[
       rows, component]
   dt = jnp.clip(jnp.exp(log_dt), distributions.EDGE_MARGIN * bins.width, bins.max_dt)
   return jnp.where(zero_draw < jax.nn.sigmoid(zero_logit), 0.0, dt)
+
+
+def uniform(keys: jax.Array) -> jax.Array:
+  """One uniform in [0, 1) [B] from each key of `keys` [B]."""
+  return jax.vmap(jax.random.uniform)(keys)
 
 
 def update_held(held: jax.Array, event: Event) -> jax.Array:
