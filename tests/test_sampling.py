@@ -552,3 +552,29 @@ def test_a_continuation_from_the_carry_draws_what_one_longer_call_draws(heads):
   second, _ = sampling.sample_compiled(graphdef, state.params, *carry[:2], keys, settings(), 15, carry[2], 15)
   for field in store.FIELDS:
     np.testing.assert_allclose(np.concatenate([first[field], second[field]], 1), whole[field], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["pitch,velocity,time", "velocity,pitch,time", "time,pitch,velocity"])
+def test_the_sampler_reads_what_the_training_model_reads(order):
+  # Drawn near temperature 0, every sub-event is the likeliest allowed class of the distribution the training
+  # path (the whole window at once, teacher-forced on the drawn events) gives it: the sampler's state, carried
+  # held pitches and conditioning are the ones the model was trained on, position by position.
+  config, model = distribution_model(order, seed=1)
+  for head in (model.pitch_head, model.time_head, model.velocity_head):
+    for layer in (head.own_out, head.release_age):  # Zero at initialisation: give them weight.
+      if layer is not None:
+        layer.kernel.value = jax.random.normal(jax.random.key(2), layer.kernel.value.shape)
+  graphdef, params = nnx.split(model, nnx.Param)
+  state, start = sampling.start(model)
+  cold = settings(temperature=1e-4, time_temperature=1e-4, velocity_temperature=1e-4)
+  sampled, _ = sampling.sample_compiled(graphdef, params, state, start, sampling.sequence_keys(0, 0, 4), cold, 96)
+  inputs = {k: jnp.concatenate([jnp.broadcast_to(start[k][:, None], (4, 1)), sampled[k][:, :-1]], 1) for k in sampled}
+  outputs, _ = nnx.jit(lambda model: model(inputs, targets=sampled))(model)
+  sounding = models.held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"]).reshape(-1, 128) >= 0
+  drawn = {k: v.reshape(-1) for k, v in distributions.classes(sampled, model.time_bins).items()}
+  for name in model.order:
+    logits = outputs[f"{name}_logits"].reshape(len(drawn[name]), -1)
+    allowed = sampling.allowed_classes(name, drawn, sounding, logits.shape[-1])
+    likeliest = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    chosen = jnp.take_along_axis(logits, drawn[name][:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(chosen, likeliest, atol=1e-3, err_msg=name)
