@@ -31,6 +31,7 @@ matmuls of another shape may round differently, which can change a file.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Mapping, NamedTuple
 
 import jax
@@ -106,20 +107,37 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 def categorical(uniforms: jax.Array, logits: jax.Array) -> jax.Array:
   """One index per row of `logits` [B, V] by inverting its cumulative distribution at `uniforms` [B] in [0, 1).
 
-  One random number per row where `jax.random.categorical` draws V (Gumbel noise): the draws cost a
-  few percent of a step otherwise. The index is the first class of nonzero probability whose cumulative
-  mass passes the uniform's share (the last such class if rounding leaves none), so a class of
-  probability 0 (logit -inf) is never drawn: rounding leaves the cumulative sums a few ulps out of order
-  often enough that counting the sums below the point drew one about once in four million draws.
+  One random number per row where `jax.random.categorical` draws V (Gumbel noise). The inversion runs in two
+  levels, blocks of about sqrt(V) classes and then the classes of the block drawn, so that the cumulative
+  sums run over about sqrt(V) values twice instead of V once: a third of the time for the 401 time classes
+  on a CPU, where the sums' many small steps, not their arithmetic, cost. A class of probability 0 (logit
+  -inf) is never drawn (`first_passing`).
   """
+  rows, count = logits.shape
+  size = 1 << math.ceil(math.log2(math.sqrt(count)))  # Classes per block.
+  blocks = -(-count // size)
   weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # Unnormalised: the point scales instead.
+  weights = jnp.pad(weights, ((0, 0), (0, blocks * size - count))).reshape(rows, blocks, size)
+  block_weights = jnp.sum(weights, axis=-1)
   # An associative scan: on a CPU `jnp.cumsum` is a reduce-window, two to three times slower at these sizes.
-  cumulative = jax.lax.associative_scan(jnp.add, weights, axis=-1)
-  point = uniforms[:, None] * cumulative[:, -1:]
-  # One minimum over keys that rank the possible classes past the point first, by index, then the others from
-  # the last (XLA:CPU's argmax, a reduction of pairs, costs several times as much).
-  count, classes = logits.shape[-1], jnp.arange(logits.shape[-1])
-  rank = jnp.where(weights > 0, jnp.where(cumulative > point, classes, 2 * count - classes), 2 * count)
+  block_cumulative = jax.lax.associative_scan(jnp.add, block_weights, axis=-1)
+  point = uniforms * block_cumulative[:, -1]
+  block = first_passing(block_weights, block_cumulative, point)
+  at_block = lambda values: jnp.take_along_axis(values, block[:, None], axis=1)[:, 0]
+  inner = jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0]
+  inner_point = point - (at_block(block_cumulative) - at_block(block_weights))
+  return block * size + first_passing(inner, jax.lax.associative_scan(jnp.add, inner, axis=-1), inner_point)
+
+
+def first_passing(weights: jax.Array, cumulative: jax.Array, point: jax.Array) -> jax.Array:
+  """The first index [B] of nonzero `weights` [B, V] whose `cumulative` sum passes `point` [B], or, where
+  rounding leaves none, the last of nonzero weight: never one of weight 0, although the scan's rounding leaves
+  the sums a few ulps out of order often enough that counting the sums below the point landed on one about
+  once in four million draws of half-masked rows."""
+  count, indices = weights.shape[-1], jnp.arange(weights.shape[-1])
+  # One minimum over ranks that put the passing indices first, then the others from the last (XLA:CPU's
+  # argmax, a reduction of pairs, costs several times as much).
+  rank = jnp.where(weights > 0, jnp.where(cumulative > point[:, None], indices, 2 * count - indices), 2 * count)
   smallest = jnp.min(rank, axis=-1)
   return jnp.where(smallest < count, smallest, 2 * count - smallest)
 

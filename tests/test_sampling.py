@@ -124,29 +124,32 @@ def test_categorical_never_draws_impossible_pitches_first_middle_or_last():
   np.testing.assert_allclose(counts, np.exp(logits), atol=0.015)
 
 
-def test_categorical_never_draws_an_impossible_class_where_rounding_unorders_the_cumulative_sums():
-  # Half the classes impossible: the associative scan's rounding often leaves an impossible class's cumulative
-  # sum an ulp below the sum before it. Aim uniforms into such gaps where counting the sums at or below the
-  # point names an impossible class. Eager, so that the sums here are the ones `categorical` computes.
-  rng = np.random.default_rng(0)
-  logits = np.where(rng.random((4096, 128)) < 0.5, rng.normal(0.0, 3.0, (4096, 128)), -np.inf).astype(np.float32)
-  with jax.disable_jit():
-    weights = np.asarray(jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)))
-    cumulative = np.asarray(jax.lax.associative_scan(jnp.add, jnp.asarray(weights), axis=-1))
-    cases = 0
-    for row, k in zip(*np.nonzero((weights[:, 1:] == 0) & (cumulative[:, 1:] < cumulative[:, :-1]))):
-      k, sums = k + 1, cumulative[row]
-      uniform = np.float32(sums[k] / sums[-1])
-      while uniform * sums[-1] < sums[k]:
-        uniform = np.nextafter(uniform, np.float32(1))
-      if uniform * sums[-1] >= sums[k - 1] or weights[row, np.sum(sums <= uniform * sums[-1])] > 0:
-        continue  # The gap is narrower than the uniform's resolution, or counting lands on a possible class.
-      drawn = int(sampling.categorical(jnp.asarray([uniform]), jnp.asarray(logits[row:row + 1]))[0])
-      assert weights[row, drawn] > 0
-      cases += 1
-      if cases == 20:
-        break
-  assert cases == 20
+def test_the_first_passing_class_never_has_weight_zero_where_rounding_unorders_the_sums():
+  # Sums an ulp out of order, as the associative scan's rounding leaves them: counting the sums at or below
+  # the point would name the class of weight zero (1), and nothing passes the point in the second row.
+  weights = jnp.asarray([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+  cumulative = jnp.asarray([[1.0, np.nextafter(np.float32(1), np.float32(0)), 2.0],
+                            [1.0, 2.0, np.nextafter(np.float32(2), np.float32(0))]])
+  point = jnp.asarray([np.nextafter(np.float32(1), np.float32(0)), 2.0])
+  assert sampling.first_passing(weights, cumulative, point).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("count", [3, 128, 401])
+def test_categorical_draws_each_possible_class_with_its_probability(count):
+  # Rows of random logits with a third of the classes impossible, whole blocks of them in the middle rows.
+  rows = 60000
+  rng = np.random.default_rng(count)
+  logits = np.repeat(rng.normal(0.0, 2.0, (3, count)), rows // 3, axis=0)
+  possible = np.repeat(rng.random((3, count)) < 0.67, rows // 3, axis=0)
+  possible[rows // 3:2 * rows // 3, :count // 2] = False
+  possible[:, -1] |= ~possible.any(axis=1)
+  logits = np.where(possible, logits, -np.inf).astype(np.float32)
+  drawn = np.asarray(jax.jit(sampling.categorical)(jax.random.uniform(jax.random.key(0), (rows,)), jnp.asarray(logits)))
+  assert possible[np.arange(rows), drawn].all()
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1), np.float64)
+  # Randomized probability integral transform: uniform on [0, 1) exactly when each class has its probability.
+  below = np.cumsum(probs, -1)[np.arange(rows), drawn] - probs[np.arange(rows), drawn]
+  assert scipy.stats.kstest(below + rng.random(rows) * probs[np.arange(rows), drawn], "uniform").pvalue > 0.001
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
