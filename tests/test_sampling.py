@@ -74,7 +74,7 @@ def draws(logits, count=4000, **kwargs):
   """`count` pitches sampled from the same logits [V], each with its own key."""
   keys = sampling.sequence_keys(0, 0, count)
   rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (count, len(logits)))
-  return np.asarray(sampling.sample_pitch(jax.vmap(jax.random.uniform)(keys), rows, settings(**kwargs)))
+  return np.asarray(sampling.sample_pitch(sampling.uniform(keys), rows, settings(**kwargs)))
 
 
 PROBS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
