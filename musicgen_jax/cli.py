@@ -119,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
   from musicgen_jax import stats
 
-  report = stats.judge(args.generated, args.reference, split=args.split, max_dt=args.max_dt)
+  report = stats.judge(args.generated, args.reference, split=args.split, max_dt=args.max_dt, excerpt=args.excerpts)
   print(json.dumps(report) if args.json else stats.format_table(report))
   return 0
 
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
   st.add_argument("--split", default="validation", help="reference split to compare with (default: validation)")
   st.add_argument("--max-dt", type=float, default=4.0, metavar="S",
                   help="the run's sample.max_dt: dt at this clip is counted (default 4.0)")
+  st.add_argument("--excerpts", action="store_true",
+                  help="judge against excerpts of the real pieces as long as the generated ones (their median "
+                       "event count) instead of whole pieces: like with like for fixed-length generations")
   st.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
   pl = command("plot", cmd_plot, "Draw RUN/curves.png from a run's metrics.jsonl, or a piano roll beside a MIDI file.")

@@ -209,25 +209,50 @@ def load_set(path: str | os.PathLike, split: str) -> list[Events]:
   return read_midi_pieces(files, path)
 
 
+def excerpts(piece: Events, length: int) -> list[Events]:
+  """The consecutive excerpts of `length` events of a piece, the rest dropped (none from a shorter piece)."""
+  return [Events(*(getattr(piece, field)[start:start + length] for field in store.FIELDS))
+          for start in range(0, len(piece) - length + 1, length)]
+
+
+def cut_into_excerpts(pieces: Sequence[Events], length: int, source: str) -> list[Events]:
+  """Every piece's `excerpts`; a UserError naming `source` if no piece is that long."""
+  cut = [excerpt for piece in pieces for excerpt in excerpts(piece, length)]
+  if not cut:
+    raise UserError(f"no piece of {source} holds {length:,} events, the generated pieces' length: "
+                    "judge them without --excerpts, or generate shorter pieces")
+  return cut
+
+
 def ceiling_split(split: str) -> str:
   """The split of real pieces judged against `split` for the ceiling: train, or validation for train itself."""
   return "validation" if split == "train" else "train"
 
 
 def judge(generated: str | os.PathLike, reference: str | os.PathLike, *, split: str = "validation",
-          max_dt: float = DEFAULT_MAX_DT) -> dict[str, Any]:
+          max_dt: float = DEFAULT_MAX_DT, excerpt: bool = False) -> dict[str, Any]:
   """Generated pieces compared feature by feature with a reference set, and the ceiling where there is one.
 
-  Returns {"generated", "reference", "ceiling" (or None), "max_dt", "features": {name: {"reference_mean",
-  "generated", "ceiling"}}, "mean_overlap": {"generated", "ceiling"}}.
+  With `excerpt` the real pieces are cut into excerpts as long as the generated pieces (their median event
+  count), the reference and ceiling sets are those excerpts: generated pieces of a fixed event count are
+  then judged against real music of the same count. Rates differ between the two readings: the mean note
+  density of MAESTRO's validation pieces is 9.64 notes/s over whole pieces, 11.38 over their excerpts of
+  2,052 events, since an excerpt of a fixed count lasts less in dense passages (BENCHMARKS.md, session 16).
+
+  Returns {"generated", "reference", "ceiling" (or None), "max_dt", "excerpt_events" (or None), "features":
+  {name: {"reference_mean", "generated", "ceiling"}}, "mean_overlap": {"generated", "ceiling"}}.
   """
   if not 0.0 < max_dt < float("inf"):
     raise UserError(f"--max-dt must be a positive number of seconds, not {max_dt}")
   reference_path, other = Path(reference), ceiling_split(split)
-  reference_features = feature_matrices(load_set(reference_path, split), max_dt)
-  sets = {"generated": feature_matrices(load_set(generated, split), max_dt)}
+  generated_pieces = load_set(generated, split)
+  length = int(np.median([len(piece) for piece in generated_pieces])) if excerpt else None
+  real = lambda name: (cut_into_excerpts(load_set(reference_path, name), length, f"the {name} split of {reference}")
+                       if excerpt else load_set(reference_path, name))
+  reference_features = feature_matrices(real(split), max_dt)
+  sets = {"generated": feature_matrices(generated_pieces, max_dt)}
   if has_split(reference_path, other):
-    sets["ceiling"] = feature_matrices(load_set(reference_path, other), max_dt)
+    sets["ceiling"] = feature_matrices(real(other), max_dt)
   comparisons = {role: compare(features, reference_features) for role, features in sets.items()}
   pieces = {role: len(features[FEATURES[0]]) for role, features in sets.items()}
   return {
@@ -235,6 +260,7 @@ def judge(generated: str | os.PathLike, reference: str | os.PathLike, *, split: 
       "reference": {"path": str(reference), "split": split, "pieces": len(reference_features[FEATURES[0]])},
       "ceiling": {"path": str(reference), "split": other, "pieces": pieces["ceiling"]} if "ceiling" in sets else None,
       "max_dt": max_dt,
+      "excerpt_events": length,
       "features": {name: {"reference_mean": summary_value(reference_features[name]),
                           **{role: comparisons[role][name] for role in ("generated", "ceiling")
                              if role in comparisons}}
@@ -254,11 +280,12 @@ def format_table(report: Mapping[str, Any]) -> str:
   ceiling = report["ceiling"]
   roles = ("generated", "ceiling") if ceiling else ("generated",)
   columns = ("mean", "overlap", "kl", "spread")
+  unit = f"excerpts of {report['excerpt_events']:,} events" if report["excerpt_events"] else "pieces"
   lines = [f"generated: {report['generated']['pieces']} pieces in {report['generated']['path']}",
-           f"reference: {report['reference']['split']} split, {report['reference']['pieces']} pieces of "
+           f"reference: {report['reference']['split']} split, {report['reference']['pieces']} {unit} of "
            f"{report['reference']['path']}"]
   if ceiling:
-    lines.append(f"ceiling:   {ceiling['split']} split ({ceiling['pieces']} real pieces) against the same reference")
+    lines.append(f"ceiling:   {ceiling['split']} split ({ceiling['pieces']} real {unit}) against the same reference")
   header = f"{'feature':<24} {'reference':>9} | " + " | ".join(
       " ".join(f"{name if i else role:>9}" for i, name in enumerate(columns)) for role in roles)
   lines += ["", header, "-" * len(header)]

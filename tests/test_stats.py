@@ -126,17 +126,12 @@ def test_overlap_of_point_masses_and_of_disjoint_samples():
   assert overlap < 1e-6 and kl > 10
 
 
-def chunks(stream: Events, size: int) -> list[Events]:
-  return [Events(*(getattr(stream, f)[i:i + size] for f in ("pitch", "dt", "velocity")))
-          for i in range(0, len(stream) - size + 1, size)]
-
-
 def maestro_corpus(root) -> list[Events]:
   """Three MAESTRO recordings of 2 to 3 minutes, cut into 300-event pieces."""
   with open(root / "maestro-v3.0.0.csv", newline="", encoding="utf-8") as f:
     rows = sorted(csv.DictReader(f), key=lambda row: row["midi_filename"])
   names = [row["midi_filename"] for row in rows if 120 <= float(row["duration"]) <= 180][:3]
-  return [piece for name in names for piece in chunks(events.midi_to_events(root / name), 300)]
+  return [piece for name in names for piece in stats.excerpts(events.midi_to_events(root / name), 300)]
 
 
 def synthetic_corpus() -> list[Events]:
@@ -233,6 +228,47 @@ def test_stats_mistakes_are_one_line_and_exit_2(capsys, folders, argv, message):
   code, _, err = run_cli(capsys, "stats", *(a.format(root=folders) for a in argv))
   assert code == 2
   assert err.count("\n") == 1 and err.startswith("musicgen: error: ") and message in err
+
+
+def test_excerpts_are_consecutive_and_whole():
+  piece = varied_scales(1, seed=0)[0]
+  cut = stats.excerpts(piece, 10)
+  assert len(cut) == len(piece) // 10 and all(len(excerpt) == 10 for excerpt in cut)
+  np.testing.assert_array_equal(np.concatenate([excerpt.pitch for excerpt in cut]), piece.pitch[:len(cut) * 10])
+  np.testing.assert_array_equal(cut[1].dt, piece.dt[10:20])
+  assert stats.excerpts(piece, len(piece) + 1) == []
+
+
+def test_excerpts_judge_generated_pieces_against_real_music_of_their_length(tmp_path, capsys):
+  """A real piece that is slow then fast: whole, its density is its notes over its seconds; cut into excerpts
+  as long as the generated pieces, the slow and the fast excerpts are the reference, each its own density."""
+  slow, fast = scale(step=1.0, pitches=C_MAJOR * 2), scale(step=0.25, pitches=C_MAJOR * 2)
+  real = Events.concatenate([slow, fast])  # 32 notes in 16 + 4 seconds.
+  write_pieces(tmp_path / "real", [real])
+  write_pieces(tmp_path / "generated", [fast, slow, fast])
+  code, out, err = run_cli(capsys, "stats", tmp_path / "generated", "--reference", tmp_path / "real", "--json")
+  whole = json.loads(out)
+  code, out, err = run_cli(capsys, "stats", tmp_path / "generated", "--reference", tmp_path / "real", "--json",
+                           "--excerpts")
+  assert code == 0, err
+  cut = json.loads(out)
+  density = lambda piece: stats.piece_features(piece)["note_density"][0]
+  assert whole["excerpt_events"] is None and whole["reference"]["pieces"] == 1
+  assert whole["features"]["note_density"]["reference_mean"] == pytest.approx(32 / 20.0, abs=0.01)
+  assert cut["excerpt_events"] == len(fast) == len(slow) and cut["reference"]["pieces"] == 2
+  assert cut["features"]["note_density"]["reference_mean"] == pytest.approx((density(slow) + density(fast)) / 2,
+                                                                            abs=0.01)
+  assert cut["mean_overlap"]["generated"] > whole["mean_overlap"]["generated"]
+  code, out, err = run_cli(capsys, "stats", tmp_path / "generated", "--reference", tmp_path / "real", "--excerpts")
+  assert code == 0 and "2 excerpts of 32 events" in out
+
+
+def test_excerpts_longer_than_every_real_piece_are_a_clear_error(capsys, folders):
+  long_piece = scale(step=0.1, pitches=C_MAJOR * 40)
+  write_pieces(folders / "long", [long_piece])
+  code, _, err = run_cli(capsys, "stats", folders / "long", "--reference", folders / "prepared", "--excerpts")
+  assert code == 2 and err.count("\n") == 1
+  assert "no piece of the validation split" in err and "640 events" in err
 
 
 def test_load_set_reads_a_single_file(folders):
