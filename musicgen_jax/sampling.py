@@ -89,19 +89,41 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
   """Sets to -inf the logits [..., V] outside the top `top_k` (0: off) or outside the nucleus of mass `top_p`.
 
   The nucleus is taken over the top-k distribution: the likeliest pitches whose mass before them is
-  below `top_p` (so the likeliest always stays). Ties with the last kept logit stay too. The sort is
-  skipped when both filters are off.
+  below `top_p` (so the likeliest always stays). Ties with the last kept pitch stay too. Both cuts are
+  thresholds on the probabilities found by bisection (`largest_threshold`), not by a sort, which cost
+  a fifth of the sampler's time on a CPU; nothing is computed when both filters are off.
   """
 
   def filtered(logits: jax.Array) -> jax.Array:
-    descending = -jnp.sort(-logits, axis=-1)
-    keep = (jnp.arange(logits.shape[-1]) < top_k) | (top_k <= 0)
-    probs = jax.nn.softmax(jnp.where(keep, descending, -jnp.inf), axis=-1)
-    keep &= (jnp.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1.0)
-    threshold = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keys = jax.lax.bitcast_convert_type(probs, jnp.int32)  # Ordered as the probabilities: they are >= 0.
+    least = jax.lax.cond(top_k > 0, lambda: largest_threshold(keys, jnp.ones_like(probs), top_k),
+                         lambda: jnp.zeros(keys.shape[:-1] + (1,), jnp.int32))
+    above = keys > least
+    # The top-k distribution's mass: k classes, however many more tie with the k-th.
+    top_k_mass = jnp.where(top_k > 0, jnp.sum(jnp.where(above, probs, 0.0), axis=-1, keepdims=True)
+                           + (top_k - jnp.sum(above, axis=-1, keepdims=True)) * jax.lax.bitcast_convert_type(
+                               least, jnp.float32), jnp.sum(probs, axis=-1, keepdims=True))
+    in_top_k = keys >= least
+    mass = jnp.where(in_top_k, probs, 0.0) / top_k_mass
+    in_nucleus = (keys >= largest_threshold(keys, mass, top_p)) | (top_p >= 1.0)
+    return jnp.where(in_top_k & in_nucleus, logits, -jnp.inf)
 
   return jax.lax.cond((top_k > 0) | (top_p < 1.0), filtered, lambda x: x, logits)
+
+
+def largest_threshold(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+  """The largest t [..., 1] whose `keys` [..., V] (nonnegative int32) at or above it have `weights` summing to
+  at least `target` (0 where none do), one bit at a time from the highest (keys of probabilities, at most
+  1.0, have 30 bits): with probabilities' bits as keys and the probabilities as weights, the least
+  probability of the nucleus; with weights 1, of the top k."""
+
+  def halve(bit: jax.Array, threshold: jax.Array) -> jax.Array:
+    candidate = threshold | jnp.left_shift(jnp.int32(1), 29 - bit)
+    passes = jnp.sum(jnp.where(keys >= candidate, weights, 0.0), axis=-1, keepdims=True) >= target
+    return jnp.where(passes, candidate, threshold)
+
+  return jax.lax.fori_loop(0, 30, halve, jnp.zeros(keys.shape[:-1] + (1,), jnp.int32))
 
 
 def categorical(uniforms: jax.Array, logits: jax.Array) -> jax.Array:

@@ -112,6 +112,32 @@ def test_top_k_and_top_p_never_draw_outside_the_kept_set(kwargs, allowed):
   assert drawn == allowed
 
 
+def sorted_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+  """Which logits [B, V] top-k and top-p keep, by the definition: the k likeliest (in sorted order), then the
+  likeliest of those whose mass before them in the top-k distribution is below top_p, then every logit tied
+  with the least kept."""
+  descending = -np.sort(-logits, axis=-1)
+  keep = np.broadcast_to((np.arange(logits.shape[-1]) < top_k) | (top_k <= 0), logits.shape)
+  probs = np.exp(np.where(keep, descending, -np.inf) - descending[:, :1])
+  probs /= probs.sum(-1, keepdims=True)
+  keep = keep & ((np.cumsum(probs, axis=-1) - probs < top_p) | (top_p >= 1.0))
+  return logits >= np.min(np.where(keep, descending, np.inf), axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.3), (0, 0.98), (1, 1.0), (3, 0.9), (10, 1.0), (50, 0.98)])
+def test_the_filter_keeps_what_a_sort_keeps(top_k, top_p):
+  """The bisection finds the thresholds a sort would, with ties (rounded logits) at the k-th class and masked
+  classes."""
+  rng = np.random.default_rng(top_k)
+  logits = rng.normal(0.0, 3.0, (256, 128)).astype(np.float32)
+  logits[:64] = np.round(logits[:64])
+  logits[128:][rng.random((128, 128)) < 0.6] = -np.inf
+  kept = np.isfinite(sampling.filter_logits(jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p)))
+  expected = sorted_filter(logits, top_k, top_p)
+  np.testing.assert_array_equal(kept, expected)
+  assert (expected.sum(-1) < np.isfinite(logits).sum(-1)).any()
+
+
 def test_no_filter_draws_every_pitch_in_proportion():
   counts = np.bincount(draws(PROBS, count=20000), minlength=len(PROBS)) / 20000
   np.testing.assert_allclose(counts, np.exp(PROBS), atol=0.015)
