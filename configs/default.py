@@ -78,10 +78,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.max_dt = 4.0  # Seconds; longer predicted gaps are clipped.
   # How `musicgen generate` (and the samples written during training) draw from this run unless told
   # otherwise: the pitch's temperature, top-k (0: off) and nucleus mass (1: off), and the temperatures of
-  # the time and velocity distributions (distribution heads). 1, 0, 1, 1, 1: the model's own distribution.
+  # the time and velocity distributions (distribution heads). 1, 0, 1, 1, 1 would be the model's own
+  # distribution; the pitch's far tail is left out (nucleus 0.98): its rare pitches, in registers the music
+  # is not in, are the notes held too long (4,500 steps: mean polyphony +2-4% instead of +25-36%).
   config.sample.temperature = 1.0
   config.sample.top_k = 0
-  config.sample.top_p = 1.0
+  config.sample.top_p = 0.98
   config.sample.time_temperature = 1.0
   config.sample.velocity_temperature = 1.0
 

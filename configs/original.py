@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 4
     config.train.predict_last = 4
     config.train.isolation = "strict"
+    config.sample.top_p = 1.0  # The pitch drawn from its whole distribution.
     for optimizer in config.train.optimizers.values():
       optimizer.name = "adam"
       optimizer.learning_rate = 0.002

@@ -354,10 +354,10 @@ def test_earlier_files_are_never_replaced_without_overwrite(run_dir, tmp_path):
 
 def test_files_hold_the_sampled_events(run_dir, model_parts, tmp_path):
   graphdef, state = model_parts
-  (path,) = write_files(run_dir, tmp_path, seed=4, top_k=20)
+  (path,) = write_files(run_dir, tmp_path, seed=4, top_k=20, top_p=0.9)
   start_state, event = sampling.start(nnx.merge(graphdef, state.params))
   sampled, _ = sampling.sample_compiled(graphdef, state.params, start_state, event, sampling.sequence_keys(4, 0, 1),
-                                        settings(top_k=20), LENGTH)
+                                        settings(top_k=20, top_p=0.9), LENGTH)
   expected = sampling.to_events(jax.device_get(sampled), 0)
   written = events.midi_to_events(path, sustain=False)
   onset = expected.velocity > 0
