@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   # otherwise: the pitch's temperature, top-k (0: off) and nucleus mass (1: off), and the temperatures of
   # the time and velocity distributions (distribution heads). 1, 0, 1, 1, 1 would be the model's own
   # distribution; the pitch's far tail is left out (nucleus 0.98): its rare pitches, in registers the music
-  # is not in, are the notes held too long (4,500 steps: mean polyphony +2-4% instead of +25-36%).
+  # is not in, are the notes held too long (4,500 steps: mean polyphony -2% to +4% instead of +25% to +36%).
   config.sample.temperature = 1.0
   config.sample.top_k = 0
   config.sample.top_p = 0.98
