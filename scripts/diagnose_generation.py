@@ -1,12 +1,15 @@
 """Where a run's generated music drifts from the data: one checkpoint against real pieces, by depth.
 
 Generated music can be denser or hold more notes than the data although the model scores well: each drawn
-event feeds back through the LSTM state. Three views of a run with distribution heads tell where:
+event feeds back through the LSTM state. Four views of a run with distribution heads tell where:
   * teacher-forced on the first --length events of --pieces pieces of --split: by depth, the mean actual dt
     against the time head's expected dt, the release rate against the model's probability of a release
     (with every sub-event drawn before the velocity, or the pitch, known) and the notes held;
   * the same on the model's own samples from silence: there drawn and expected agree when the sampler
     draws what the model says;
+  * state or events: over the last --segment events of both, the expected dt read from the start against
+    read from a zero state over those events alone (as a training window reads): equal where the model's
+    predictions depend on the events it has just read, not on how long it has run;
   * free-running after a primer: each piece's first --primer events set the state, --continuation events
     are drawn (the run's sampling settings) and set beside the piece's real continuation: notes per second
     and notes held, by depth.
@@ -54,14 +57,18 @@ def time_class_probabilities(outputs: jax.Array, bins: distributions.TimeBins) -
   return jnp.exp(-distributions.time_nll(outputs[..., None, :], jnp.arange(bins.count), bins))
 
 
-@nnx.jit
-def teacher_forced(model: models.MusicLSTM, events: Events) -> dict[str, jax.Array]:
-  """Per event of streams [B, T] that start in silence: the model's expected dt and P(release) given what came
-  before, and the notes held before it."""
+@nnx.jit(static_argnames="first")
+def teacher_forced(model: models.MusicLSTM, events: Events, first: int = 0) -> dict[str, jax.Array]:
+  """Per event from `first` on of streams [B, T] that start in silence: the model's expected dt and P(release)
+  given what came before, and the notes held before it. The model reads from its zero state from event
+  `first` on (the notes held then given), as a training window does; from the start by default."""
   start = {k: jnp.full((events["pitch"].shape[0], 1), v, events[k].dtype) for k, v in sampling.START_EVENT.items()}
   inputs = {k: jnp.concatenate([start[k], events[k][:, :-1]], axis=1) for k in events}
-  outputs, _ = model(inputs, targets=events)
-  sounding = models.held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"]) >= 0
+  held = models.held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"])
+  inputs, events, held_before = ({k: v[:, first:] for k, v in inputs.items()}, {k: v[:, first:] for k, v in events.items()},
+                                 held[:, first - 1] if first else None)
+  outputs, _ = model(inputs, targets=events, held=held_before)
+  sounding = held[:, first:] >= 0
   bins = model.time_bins
   midpoints = distributions.dt_of_class(jnp.arange(bins.count), jnp.float32(0.5), bins)
   expected_dt = jax.lax.map(lambda piece: time_class_probabilities(piece, bins) @ midpoints, outputs["time_logits"])
@@ -109,6 +116,19 @@ def calibration(model: models.MusicLSTM, events: Events, size: int) -> list[dict
            "held": float(predicted["held"][:, lo:hi].mean())} for lo, hi in segments(events["dt"].shape[1], size)]
 
 
+def state_or_events(model: models.MusicLSTM, streams: dict[str, Events], size: int) -> dict[str, Any]:
+  """The expected dt over the last `size` events of each set of streams, read from the start and from a zero
+  state over those events alone: equal where what the model predicts depends on the events it has just read,
+  not on how long it has run."""
+  length = next(iter(streams.values()))["dt"].shape[1]
+  first = max(length - size, 0)
+  expected = lambda events, start: 1e3 * float(np.mean(np.asarray(teacher_forced(
+      model, {k: jnp.asarray(v) for k, v in events.items()}, start)["expected_dt"])[:, first - start:]))
+  return {"events": [first, length], **{name: {"from_start_ms": expected(events, 0),
+                                               "segment_alone_ms": expected(events, first)}
+                                        for name, events in streams.items()}}
+
+
 def drift(model: models.MusicLSTM, pieces: Events, primer: int, settings: sampling.Settings, seed: int,
           size: int) -> list[dict[str, Any]]:
   """Notes per second and notes held, by depth after the primer, of the drawn and the real continuations."""
@@ -130,13 +150,18 @@ def drift(model: models.MusicLSTM, pieces: Events, primer: int, settings: sampli
 
 
 def format_report(report: dict[str, Any]) -> str:
-  """The report as three tables."""
+  """The report as tables."""
   lines = [f"run {report['workdir']} (step {report['step']}), {report['pieces']} pieces of {report['split']}"]
   for name in ("real", "own samples"):
     lines += ["", f"teacher-forced on {name}, first {report['length']} events",
               f"{'events':>11} {'dt ms':>8} {'expected':>9} {'releases':>9} {'P(release)':>11} {'held':>6}"]
     lines += [f"{row['events'][0]:5d}-{row['events'][1]:<5d} {row['dt_ms']:8.1f} {row['expected_dt_ms']:9.1f} "
               f"{row['release_rate']:9.3f} {row['p_release']:11.3f} {row['held']:6.2f}" for row in report[name]]
+  context = report["context"]
+  lines += ["", f"events {context['events'][0]}-{context['events'][1]}, expected dt read from the start against "
+            "from a zero state over them alone (the notes held before them given)"]
+  lines += [f"{name:>12}: {context[name]['from_start_ms']:.1f} ms against {context[name]['segment_alone_ms']:.1f} ms"
+            for name in ("real", "own samples")]
   lines += ["", f"free-running after a primer of {report['primer']} events: notes per second and notes held",
             f"{'events':>11} {'real':>7} {'drawn':>7} {'ratio':>6} {'held real':>10} {'held drawn':>11}"]
   lines += [f"{row['events'][0]:5d}-{row['events'][1]:<5d} {row['real_notes_per_s']:7.2f} "
@@ -146,7 +171,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def diagnose(args: argparse.Namespace) -> dict[str, Any]:
-  """The three views of `diagnose` for the parsed command line."""
+  """The four views of `diagnose` for the parsed command line."""
   run = checkpointing.load_run(args.workdir, args.checkpoint)
   if run.config.model.heads != "distribution":
     raise UserError(f"{args.workdir} has {run.config.model.heads} heads: this diagnosis reads distribution heads")
@@ -156,10 +181,11 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
   state, event = sampling.start(model)
   own, _ = sampling.sample_compiled(run.graphdef, run.params, state, event,
                                     sampling.sequence_keys(args.seed, 0, args.pieces), settings, args.length)
+  streams = {"real": {k: v[:, :args.length] for k, v in pieces.items()}, "own samples": jax.tree.map(np.asarray, own)}
   return {"workdir": str(args.workdir), "step": run.step, "split": args.split, "pieces": args.pieces,
           "length": args.length, "primer": args.primer,
-          "real": calibration(model, {k: v[:, :args.length] for k, v in pieces.items()}, args.segment),
-          "own samples": calibration(model, jax.tree.map(np.asarray, own), args.segment),
+          **{name: calibration(model, events, args.segment) for name, events in streams.items()},
+          "context": state_or_events(model, streams, args.segment),
           "continuation": drift(model, {k: v[:, :args.primer + args.continuation] for k, v in pieces.items()},
                                 args.primer, settings, args.seed, args.segment)}
 

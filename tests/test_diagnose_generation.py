@@ -85,9 +85,15 @@ def test_the_real_side_is_what_the_pieces_hold_and_the_model_side_a_distribution
     assert row["real_notes_per_s"] == pytest.approx(onsets[:, lo:hi].sum() / gaps[:, lo:hi].sum(), rel=1e-5)
     assert row["real_held"] == pytest.approx(held[:, lo:hi].mean())
     assert row["ratio"] == pytest.approx(row["drawn_notes_per_s"] / row["real_notes_per_s"])
+  context = report["context"]
+  assert context["events"] == [32, 48]
+  for name in ("real", "own samples"):  # From the start, the last segment reads as the depth view's last row.
+    assert context[name]["from_start_ms"] == pytest.approx(report[name][-1]["expected_dt_ms"], rel=1e-5)
+    assert 0.0 <= context[name]["segment_alone_ms"] <= 1e3 * max_dt
   tables = diagnose("--workdir", str(run), "--data", str(data), "--pieces", str(PIECES), "--length", str(LENGTH),
                     "--primer", str(PRIMER), "--continuation", str(CONTINUATION), "--segment", str(SEGMENT))
   assert tables.returncode == 0 and "free-running after a primer of 16 events" in tables.stdout
+  assert "expected dt read from the start against from a zero state" in tables.stdout
 
 
 def test_too_few_long_pieces_is_one_line(run_and_data):
@@ -118,3 +124,14 @@ def test_a_release_is_as_likely_as_the_sampler_allows(order, monkeypatch):
   assert np.array_equal(held, np.concatenate([[0], held_after_each_event(piece)[:-1]]))
   assert np.all(release[held == 0] == 0.0) and np.all((release[held > 0] > 0.0) & (release[held > 0] < 1.0))
   assert 0 < np.sum(held == 0) < len(held)
+  window = diagnose_generation.teacher_forced(model, events, 25)  # From a zero state, the held notes given.
+  assert np.array_equal(np.asarray(window["held"])[0], held[25:])
+  assert np.all(np.asarray(window["p_release"])[0][held[25:] == 0] == 0.0)
+  assert not np.allclose(np.asarray(window["expected_dt"])[0], np.asarray(predicted["expected_dt"])[0, 25:])
+  # The notes held before the window: those the first 25 events leave sounding (the start event sounds nothing).
+  before = models.held_pitches(*(events[k][:, :24] for k in ("pitch", "dt", "velocity")))[:, -1]
+  inputs = {k: v[:, 24:-1] for k, v in events.items()}
+  outputs, _ = model(inputs, targets={k: v[:, 25:] for k, v in events.items()}, held=before)
+  direct = diagnose_generation.time_class_probabilities(outputs["time_logits"], model.time_bins) @ (
+      diagnose_generation.distributions.dt_of_class(jnp.arange(model.time_bins.count), jnp.float32(0.5), model.time_bins))
+  np.testing.assert_allclose(np.asarray(window["expected_dt"]), np.asarray(direct), rtol=1e-5)
