@@ -65,9 +65,9 @@ def teacher_forced(model: models.MusicLSTM, events: Events, first: int = 0) -> d
   start = {k: jnp.full((events["pitch"].shape[0], 1), v, events[k].dtype) for k, v in sampling.START_EVENT.items()}
   inputs = {k: jnp.concatenate([start[k], events[k][:, :-1]], axis=1) for k in events}
   held = models.held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"])
-  inputs, events, held_before = ({k: v[:, first:] for k, v in inputs.items()}, {k: v[:, first:] for k, v in events.items()},
-                                 held[:, first - 1] if first else None)
-  outputs, _ = model(inputs, targets=events, held=held_before)
+  window = lambda streams: {k: v[:, first:] for k, v in streams.items()}
+  inputs, events = window(inputs), window(events)
+  outputs, _ = model(inputs, targets=events, held=held[:, first - 1] if first else None)
   sounding = held[:, first:] >= 0
   bins = model.time_bins
   midpoints = distributions.dt_of_class(jnp.arange(bins.count), jnp.float32(0.5), bins)
