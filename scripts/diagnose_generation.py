@@ -7,7 +7,7 @@ event feeds back through the LSTM state. Four views of a run with distribution h
     (with every sub-event drawn before the velocity, or the pitch, known) and the notes held;
   * the same on the model's own samples from silence: there drawn and expected agree when the sampler
     draws what the model says;
-  * state or events: over the last --segment events of both, the expected dt read from the start against
+  * state or events: over the last depth segment of both, the expected dt read from the start against
     read from a zero state over those events alone (as a training window reads): equal where the model's
     predictions depend on the events it has just read, not on how long it has run;
   * free-running after a primer: each piece's first --primer events set the state, --continuation events
@@ -57,6 +57,13 @@ def time_class_probabilities(outputs: jax.Array, bins: distributions.TimeBins) -
   return jnp.exp(-distributions.time_nll(outputs[..., None, :], jnp.arange(bins.count), bins))
 
 
+def expected_dt(outputs: jax.Array, bins: distributions.TimeBins) -> jax.Array:
+  """The expected dt in seconds [...] under the time head's outputs [..., bins.outputs], each class at its
+  bin's midpoint."""
+  midpoints = distributions.dt_of_class(jnp.arange(bins.count), jnp.float32(0.5), bins)
+  return time_class_probabilities(outputs, bins) @ midpoints
+
+
 @nnx.jit(static_argnames="first")
 def teacher_forced(model: models.MusicLSTM, events: Events, first: int = 0) -> dict[str, jax.Array]:
   """Per event from `first` on of streams [B, T] that start in silence: the model's expected dt and P(release)
@@ -69,16 +76,14 @@ def teacher_forced(model: models.MusicLSTM, events: Events, first: int = 0) -> d
   inputs, events = window(inputs), window(events)
   outputs, _ = model(inputs, targets=events, held=held[:, first - 1] if first else None)
   sounding = held[:, first:] >= 0
-  bins = model.time_bins
-  midpoints = distributions.dt_of_class(jnp.arange(bins.count), jnp.float32(0.5), bins)
-  expected_dt = jax.lax.map(lambda piece: time_class_probabilities(piece, bins) @ midpoints, outputs["time_logits"])
+  expected = jax.lax.map(lambda piece: expected_dt(piece, model.time_bins), outputs["time_logits"])
   if model.order.index("velocity") < model.order.index("pitch"):  # Restricted as the sampler restricts it.
     allowed = sampling.allowed_classes("velocity", {}, sounding, distributions.NUM_VELOCITIES)
     logits = jnp.where(allowed, outputs["velocity_logits"].astype(jnp.float32), -jnp.inf)
     release = jax.nn.softmax(logits, axis=-1)[..., 0]
   else:
     release = jnp.sum(jnp.where(sounding, jax.nn.softmax(outputs["pitch_logits"].astype(jnp.float32), -1), 0.0), -1)
-  return {"expected_dt": expected_dt, "p_release": release, "held": jnp.sum(sounding, axis=-1)}
+  return {"expected_dt": expected, "p_release": release, "held": jnp.sum(sounding, axis=-1)}
 
 
 @nnx.jit(static_argnames="length")
@@ -116,17 +121,16 @@ def calibration(model: models.MusicLSTM, events: Events, size: int) -> list[dict
            "held": float(predicted["held"][:, lo:hi].mean())} for lo, hi in segments(events["dt"].shape[1], size)]
 
 
-def state_or_events(model: models.MusicLSTM, streams: dict[str, Events], size: int) -> dict[str, Any]:
-  """The expected dt over the last `size` events of each set of streams, read from the start and from a zero
-  state over those events alone: equal where what the model predicts depends on the events it has just read,
-  not on how long it has run."""
-  length = next(iter(streams.values()))["dt"].shape[1]
-  first = max(length - size, 0)
-  expected = lambda events, start: 1e3 * float(np.mean(np.asarray(teacher_forced(
-      model, {k: jnp.asarray(v) for k, v in events.items()}, start)["expected_dt"])[:, first - start:]))
-  return {"events": [first, length], **{name: {"from_start_ms": expected(events, 0),
-                                               "segment_alone_ms": expected(events, first)}
-                                        for name, events in streams.items()}}
+def state_or_events(model: models.MusicLSTM, streams: dict[str, Events],
+                    depths: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+  """The expected dt over the last depth segment of each set of streams (`calibration`'s last row `depths`
+  gives it read from the start), and read from a zero state over that segment alone: equal where what the
+  model predicts depends on the events it has just read, not on how long it has run."""
+  segment = next(iter(depths.values()))[-1]["events"]
+  alone = lambda events: 1e3 * float(np.mean(np.asarray(teacher_forced(
+      model, {k: jnp.asarray(v) for k, v in events.items()}, segment[0])["expected_dt"])))
+  return {"events": segment, **{name: {"from_start_ms": depths[name][-1]["expected_dt_ms"],
+                                       "segment_alone_ms": alone(events)} for name, events in streams.items()}}
 
 
 def drift(model: models.MusicLSTM, pieces: Events, primer: int, settings: sampling.Settings, seed: int,
@@ -182,10 +186,10 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
   own, _ = sampling.sample_compiled(run.graphdef, run.params, state, event,
                                     sampling.sequence_keys(args.seed, 0, args.pieces), settings, args.length)
   streams = {"real": {k: v[:, :args.length] for k, v in pieces.items()}, "own samples": jax.tree.map(np.asarray, own)}
+  depths = {name: calibration(model, events, args.segment) for name, events in streams.items()}
   return {"workdir": str(args.workdir), "step": run.step, "split": args.split, "pieces": args.pieces,
           "length": args.length, "primer": args.primer,
-          **{name: calibration(model, events, args.segment) for name, events in streams.items()},
-          "context": state_or_events(model, streams, args.segment),
+          **depths, "context": state_or_events(model, streams, depths),
           "continuation": drift(model, {k: v[:, :args.primer + args.continuation] for k, v in pieces.items()},
                                 args.primer, settings, args.seed, args.segment)}
 

@@ -132,7 +132,5 @@ def test_a_release_is_as_likely_as_the_sampler_allows(order, monkeypatch):
   before = models.held_pitches(*(events[k][:, :24] for k in ("pitch", "dt", "velocity")))[:, -1]
   inputs = {k: v[:, 24:-1] for k, v in events.items()}
   outputs, _ = model(inputs, targets={k: v[:, 25:] for k, v in events.items()}, held=before)
-  bins = model.time_bins
-  midpoints = diagnose_generation.distributions.dt_of_class(jnp.arange(bins.count), jnp.float32(0.5), bins)
-  direct = diagnose_generation.time_class_probabilities(outputs["time_logits"], bins) @ midpoints
+  direct = diagnose_generation.expected_dt(outputs["time_logits"], model.time_bins)
   np.testing.assert_allclose(np.asarray(window["expected_dt"]), np.asarray(direct), rtol=1e-5)
