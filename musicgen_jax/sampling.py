@@ -99,12 +99,12 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     keys = jax.lax.bitcast_convert_type(probs, jnp.int32)  # Ordered as the probabilities: they are >= 0.
     least = jax.lax.cond(top_k > 0, lambda: largest_threshold(keys, jnp.ones_like(probs), top_k),
                          lambda: jnp.zeros(keys.shape[:-1] + (1,), jnp.int32))
-    above = keys > least
-    # The top-k distribution's mass: k classes, however many more tie with the k-th.
-    top_k_mass = jnp.where(top_k > 0, jnp.sum(jnp.where(above, probs, 0.0), axis=-1, keepdims=True)
-                           + (top_k - jnp.sum(above, axis=-1, keepdims=True)) * jax.lax.bitcast_convert_type(
-                               least, jnp.float32), jnp.sum(probs, axis=-1, keepdims=True))
-    in_top_k = keys >= least
+    above, in_top_k = keys > least, keys >= least
+    # The top-k distribution's mass: k classes, however many more tie with the k-th (of probability `least`).
+    tied = top_k - jnp.sum(above, axis=-1, keepdims=True)
+    k_classes = jnp.sum(jnp.where(above, probs, 0.0), axis=-1, keepdims=True) + tied * jax.lax.bitcast_convert_type(
+        least, jnp.float32)
+    top_k_mass = jnp.where(top_k > 0, k_classes, jnp.sum(probs, axis=-1, keepdims=True))
     mass = jnp.where(in_top_k, probs, 0.0) / top_k_mass
     in_nucleus = (keys >= largest_threshold(keys, mass, top_p)) | (top_p >= 1.0)
     return jnp.where(in_top_k & in_nucleus, logits, -jnp.inf)
