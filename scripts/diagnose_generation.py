@@ -4,15 +4,19 @@ Generated music can be denser or hold more notes than the data although the mode
 event feeds back through the LSTM state. Four views of a run with distribution heads tell where:
   * teacher-forced on the first --length events of --pieces pieces of --split: by depth, the mean actual dt
     against the time head's expected dt, the release rate against the model's probability of a release
-    (with every sub-event drawn before the velocity, or the pitch, known) and the notes held;
+    (with every sub-event drawn before the velocity, or the pitch, known) and the notes held; and how the
+    model reads each piece's tempo (log mean dt over the segment) there: the correlation across pieces of
+    the expected with the actual, and the gain (the slope of the expected on the actual: below 1, the
+    model pulls each piece's tempo towards the average);
   * the same on the model's own samples from silence: there drawn and expected agree when the sampler
     draws what the model says;
   * state or events: over the last depth segment of both, the expected dt read from the start against
     read from a zero state over those events alone (as a training window reads): equal where the model's
     predictions depend on the events it has just read, not on how long it has run;
   * free-running after a primer: each piece's first --primer events set the state, --continuation events
-    are drawn (the run's sampling settings) and set beside the piece's real continuation: notes per second
-    and notes held, by depth.
+    are drawn (the run's sampling settings) and set beside the piece's real continuation: notes per second,
+    notes held, and how long the primer's tempo is kept (the correlation across pieces of each segment's
+    tempo with the primer's last segment's), by depth.
 dt above the time head's last bin counts as that bin (`sample.max_dt` clips drawn gaps so too).
 
   python scripts/diagnose_generation.py --workdir RUN --data DATA [--split validation] [--pieces 32]
@@ -110,15 +114,37 @@ def notes_held(events: Events) -> np.ndarray:
                             axis=-1))
 
 
+def tempo(dt: np.ndarray, max_dt: float) -> np.ndarray:
+  """Each row's tempo [B] over gaps `dt` [B, T]: the log of its mean gap, gaps clipped at `max_dt`."""
+  return np.log(np.maximum(np.minimum(dt, max_dt).mean(axis=1), 1e-6))
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float | None:
+  """Pearson's correlation of two rows of values, None where either is constant."""
+  return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else None
+
+
+def gain(actual: np.ndarray, expected: np.ndarray) -> float | None:
+  """The least-squares slope of `expected` on `actual`, None where `actual` is constant."""
+  return float(np.polyfit(actual, expected, 1)[0]) if np.std(actual) > 0 else None
+
+
 def calibration(model: models.MusicLSTM, events: Events, size: int) -> list[dict[str, Any]]:
-  """`teacher_forced` on `events`, averaged over each depth segment, beside the actual dt and releases."""
+  """`teacher_forced` on `events`, averaged over each depth segment, beside the actual dt and releases, and
+  how the expected tempo follows each piece's actual tempo there."""
   predicted = jax.tree.map(np.asarray, teacher_forced(model, {k: jnp.asarray(v) for k, v in events.items()}))
-  actual_dt = np.minimum(events["dt"], model.time_bins.max_dt)
-  return [{"events": [lo, hi], "dt_ms": 1e3 * float(actual_dt[:, lo:hi].mean()),
-           "expected_dt_ms": 1e3 * float(predicted["expected_dt"][:, lo:hi].mean()),
-           "release_rate": float(np.mean(events["velocity"][:, lo:hi] == 0)),
-           "p_release": float(predicted["p_release"][:, lo:hi].mean()),
-           "held": float(predicted["held"][:, lo:hi].mean())} for lo, hi in segments(events["dt"].shape[1], size)]
+  max_dt = model.time_bins.max_dt
+  actual_dt = np.minimum(events["dt"], max_dt)
+  rows = []
+  for lo, hi in segments(events["dt"].shape[1], size):
+    actual, expected = tempo(events["dt"][:, lo:hi], max_dt), tempo(predicted["expected_dt"][:, lo:hi], max_dt)
+    rows.append({"events": [lo, hi], "dt_ms": 1e3 * float(actual_dt[:, lo:hi].mean()),
+                 "expected_dt_ms": 1e3 * float(predicted["expected_dt"][:, lo:hi].mean()),
+                 "release_rate": float(np.mean(events["velocity"][:, lo:hi] == 0)),
+                 "p_release": float(predicted["p_release"][:, lo:hi].mean()),
+                 "held": float(predicted["held"][:, lo:hi].mean()),
+                 "tempo_correlation": correlation(actual, expected), "tempo_gain": gain(actual, expected)})
+  return rows
 
 
 def state_or_events(model: models.MusicLSTM, streams: dict[str, Events],
@@ -135,7 +161,9 @@ def state_or_events(model: models.MusicLSTM, streams: dict[str, Events],
 
 def drift(model: models.MusicLSTM, pieces: Events, primer: int, settings: sampling.Settings, seed: int,
           size: int) -> list[dict[str, Any]]:
-  """Notes per second and notes held, by depth after the primer, of the drawn and the real continuations."""
+  """Notes per second, notes held and the primer's tempo kept (the correlation of each segment's tempo with
+  that of the primer's last `size` events), by depth after the primer, of the drawn and the real
+  continuations."""
   head = {k: v[:, :primer] for k, v in pieces.items()}
   length = pieces["dt"].shape[1] - primer
   keys = sampling.sequence_keys(seed, 0, pieces["dt"].shape[0])
@@ -143,33 +171,47 @@ def drift(model: models.MusicLSTM, pieces: Events, primer: int, settings: sampli
   real = {k: v[:, primer:] for k, v in pieces.items()}
   real_held = notes_held(pieces)[:, primer:]
   drawn_held = notes_held({k: np.concatenate([head[k], drawn[k].astype(head[k].dtype)], 1) for k in head})[:, primer:]
+  max_dt = float(settings.max_dt)
+  primer_tempo = tempo(head["dt"][:, -size:], max_dt)
   rows = []
   for lo, hi in segments(length, size):
-    real_density, drawn_density = (notes_per_second({k: v[:, lo:hi] for k, v in stream.items()}, float(settings.max_dt))
+    real_density, drawn_density = (notes_per_second({k: v[:, lo:hi] for k, v in stream.items()}, max_dt)
                                    for stream in (real, drawn))
     rows.append({"events": [lo, hi], "real_notes_per_s": real_density, "drawn_notes_per_s": drawn_density,
                  "ratio": drawn_density / real_density, "real_held": float(real_held[:, lo:hi].mean()),
-                 "drawn_held": float(drawn_held[:, lo:hi].mean())})
+                 "drawn_held": float(drawn_held[:, lo:hi].mean()),
+                 "real_tempo_kept": correlation(primer_tempo, tempo(real["dt"][:, lo:hi], max_dt)),
+                 "drawn_tempo_kept": correlation(primer_tempo, tempo(drawn["dt"][:, lo:hi], max_dt))})
   return rows
+
+
+def figure(value: float | None, width: int) -> str:
+  """A correlation or gain right-aligned in `width`, "-" where there is none."""
+  return f"{value:{width}.2f}" if value is not None else f"{'-':>{width}}"
 
 
 def format_report(report: dict[str, Any]) -> str:
   """The report as tables."""
   lines = [f"run {report['workdir']} (step {report['step']}), {report['pieces']} pieces of {report['split']}"]
   for name in ("real", "own samples"):
-    lines += ["", f"teacher-forced on {name}, first {report['length']} events",
-              f"{'events':>11} {'dt ms':>8} {'expected':>9} {'releases':>9} {'P(release)':>11} {'held':>6}"]
+    lines += ["", f"teacher-forced on {name}, first {report['length']} events (tempo: expected against actual)",
+              f"{'events':>11} {'dt ms':>8} {'expected':>9} {'releases':>9} {'P(release)':>11} {'held':>6} "
+              f"{'tempo r':>8} {'gain':>5}"]
     lines += [f"{row['events'][0]:5d}-{row['events'][1]:<5d} {row['dt_ms']:8.1f} {row['expected_dt_ms']:9.1f} "
-              f"{row['release_rate']:9.3f} {row['p_release']:11.3f} {row['held']:6.2f}" for row in report[name]]
+              f"{row['release_rate']:9.3f} {row['p_release']:11.3f} {row['held']:6.2f} "
+              f"{figure(row['tempo_correlation'], 8)} {figure(row['tempo_gain'], 5)}" for row in report[name]]
   context = report["context"]
   lines += ["", f"events {context['events'][0]}-{context['events'][1]}, expected dt read from the start against "
             "from a zero state over them alone (the notes held before them given)"]
   lines += [f"{name:>12}: {context[name]['from_start_ms']:.1f} ms against {context[name]['segment_alone_ms']:.1f} ms"
             for name in ("real", "own samples")]
-  lines += ["", f"free-running after a primer of {report['primer']} events: notes per second and notes held",
-            f"{'events':>11} {'real':>7} {'drawn':>7} {'ratio':>6} {'held real':>10} {'held drawn':>11}"]
+  lines += ["", f"free-running after a primer of {report['primer']} events: notes per second, notes held, and the "
+            "primer's tempo kept (correlation with its last segment's)",
+            f"{'events':>11} {'real':>7} {'drawn':>7} {'ratio':>6} {'held real':>10} {'held drawn':>11} "
+            f"{'kept real':>10} {'kept drawn':>11}"]
   lines += [f"{row['events'][0]:5d}-{row['events'][1]:<5d} {row['real_notes_per_s']:7.2f} "
-            f"{row['drawn_notes_per_s']:7.2f} {row['ratio']:6.3f} {row['real_held']:10.2f} {row['drawn_held']:11.2f}"
+            f"{row['drawn_notes_per_s']:7.2f} {row['ratio']:6.3f} {row['real_held']:10.2f} {row['drawn_held']:11.2f} "
+            f"{figure(row['real_tempo_kept'], 10)} {figure(row['drawn_tempo_kept'], 11)}"
             for row in report["continuation"]]
   return "\n".join(lines)
 

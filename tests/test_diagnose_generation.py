@@ -16,7 +16,7 @@ from musicgen_jax import cli, models, store
 from musicgen_jax.config import apply_overrides, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-PIECES, LENGTH, PRIMER, CONTINUATION, SEGMENT = 3, 48, 16, 32, 16
+PIECES, LENGTH, PRIMER, CONTINUATION, SEGMENT = 3, 48, 24, 24, 16
 
 
 def random_piece(rng: np.random.Generator, length: int) -> store.Events:
@@ -77,14 +77,19 @@ def test_the_real_side_is_what_the_pieces_hold_and_the_model_side_a_distribution
     assert row["release_rate"] == pytest.approx(np.mean(velocity[:, lo:hi] == 0))
   for row in report["real"] + report["own samples"]:
     assert 0.0 <= row["expected_dt_ms"] <= 1e3 * max_dt and 0.0 <= row["p_release"] <= 1.0 + 1e-6
+    assert row["tempo_correlation"] is None or -1.0 <= row["tempo_correlation"] <= 1.0
   held = np.stack([held_after_each_event(p) for p in pieces])[:, PRIMER:PRIMER + CONTINUATION]
   onsets, gaps = velocity[:, PRIMER:PRIMER + CONTINUATION] > 0, dt[:, PRIMER:PRIMER + CONTINUATION]
-  assert [row["events"] for row in report["continuation"]] == [[0, 16], [16, 32]]
+  assert [row["events"] for row in report["continuation"]] == [[0, 16], [16, 24]]
+  primer_tempo = np.log(dt[:, PRIMER - SEGMENT:PRIMER].mean(axis=1))
   for row in report["continuation"]:
     lo, hi = row["events"]
     assert row["real_notes_per_s"] == pytest.approx(onsets[:, lo:hi].sum() / gaps[:, lo:hi].sum(), rel=1e-5)
     assert row["real_held"] == pytest.approx(held[:, lo:hi].mean())
     assert row["ratio"] == pytest.approx(row["drawn_notes_per_s"] / row["real_notes_per_s"])
+    continued = np.log(gaps[:, lo:hi].mean(axis=1))  # Each piece's tempo against its primer's last segment's.
+    assert row["real_tempo_kept"] == pytest.approx(np.corrcoef(primer_tempo, continued)[0, 1], rel=1e-5)
+    assert row["drawn_tempo_kept"] is None or -1.0 <= row["drawn_tempo_kept"] <= 1.0
   context = report["context"]
   assert context["events"] == [32, 48]
   for name in ("real", "own samples"):  # From the start, the last segment reads as the depth view's last row.
@@ -92,7 +97,8 @@ def test_the_real_side_is_what_the_pieces_hold_and_the_model_side_a_distribution
     assert 0.0 <= context[name]["segment_alone_ms"] <= 1e3 * max_dt
   tables = diagnose("--workdir", str(run), "--data", str(data), "--pieces", str(PIECES), "--length", str(LENGTH),
                     "--primer", str(PRIMER), "--continuation", str(CONTINUATION), "--segment", str(SEGMENT))
-  assert tables.returncode == 0 and "free-running after a primer of 16 events" in tables.stdout
+  assert tables.returncode == 0 and "free-running after a primer of 24 events" in tables.stdout
+  assert "kept drawn" in tables.stdout and "tempo r" in tables.stdout
   assert "expected dt read from the start against from a zero state" in tables.stdout
 
 
@@ -104,6 +110,21 @@ def test_too_few_long_pieces_is_one_line(run_and_data):
   assert process.stderr.strip().splitlines()[-1] == (
       "diagnose_generation: error: validation holds 3 pieces of at least 16 events, not 4: ask for fewer "
       "--pieces or shorter --length, --primer or --continuation")
+
+
+def test_a_model_that_halves_each_tempo_has_gain_one_half(monkeypatch):
+  """The gain is the slope of the expected tempo on the actual (a model pulling every piece halfway to the
+  average tempo has gain 0.5, not 2), and a view without spread has no correlation."""
+  monkeypatch.syspath_prepend(str(REPO / "scripts"))
+  import diagnose_generation
+
+  actual = np.log(np.array([0.03, 0.05, 0.08, 0.12]))
+  expected = 0.5 * actual + 0.5 * np.log(0.06)
+  assert diagnose_generation.gain(actual, expected) == pytest.approx(0.5)
+  assert diagnose_generation.correlation(actual, expected) == pytest.approx(1.0)
+  assert diagnose_generation.correlation(actual, np.full(4, 0.1)) is None
+  dt = np.array([[0.04, 0.06, 9.0], [0.0, 0.0, 0.0]])  # Gaps clipped at max_dt; a row of one chord.
+  np.testing.assert_allclose(diagnose_generation.tempo(dt, 4.0), np.log([(0.1 + 4.0) / 3, 1e-6]))
 
 
 @pytest.mark.parametrize("order", ["pitch,velocity,time", "velocity,pitch,time"])
