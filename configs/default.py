@@ -36,6 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
   # The time head's family: 0, a categorical over the dt classes; K > 0, dt = 0 or a mixture of K logistics
   # over log dt, scored on the same classes.
   config.model.time_mixture = 0
+  # "density": every position also reads a note-density control (log notes per second over the training
+  # window), which generation sets per file (`--notes-per-second`, or drawn from `sample.density_quantiles`,
+  # or a primer's own), so that files keep one tempo and differ as pieces do. "none": the events alone.
+  config.model.condition = "none"
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   config.model.param_dtype = "float32"
   # How the LSTM runs: auto (cudnn on GPUs in float32, fused on CPUs, scan elsewhere), scan, fused or cudnn.
@@ -86,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.top_p = 0.98
   config.sample.time_temperature = 1.0
   config.sample.velocity_temperature = 1.0
+  # Notes per second of the training pieces at 21 evenly spaced quantiles, from which a density-conditioned
+  # model draws each file's density. (): set when training starts.
+  config.sample.density_quantiles = ()
 
   config.lock()
   return config

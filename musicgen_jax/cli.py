@@ -96,8 +96,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             time_temperature=args.time_temperature, velocity_temperature=args.velocity_temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, primer=args.primer,
                             primer_events=args.primer_events, keep_primer=args.keep_primer,
-                            checkpoint=args.checkpoint, prefix=args.prefix, overwrite=args.overwrite,
-                            progress=not args.quiet)
+                            notes_per_second=args.notes_per_second, checkpoint=args.checkpoint, prefix=args.prefix,
+                            overwrite=args.overwrite, progress=not args.quiet)
   print(f"wrote {len(files)} MIDI file{'s' * (len(files) != 1)} to {Path(args.out).resolve()}")
   if args.plot:
     from musicgen_jax import plots
@@ -210,12 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--top-k", type=int, metavar="K",
                    help="sample only among the K likeliest pitches (0: off; default: the run's, off)")
   gen.add_argument("--top-p", type=float, metavar="P",
-                   help="nucleus sampling mass (1: off; default: the run's, off but 0.9 in configs/demo.py)")
+                   help="nucleus sampling mass (1: off; default: the run's, 0.98 in configs/default.py)")
   gen.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
   gen.add_argument("--primer", metavar="FILE.mid", help="MIDI file whose events warm up the model")
   gen.add_argument("--primer-events", type=positive_int, metavar="P",
                    help="use the primer's first P events (default: up to 2048)")
   gen.add_argument("--keep-primer", action="store_true", help="include the primer in the written files")
+  gen.add_argument("--notes-per-second", type=positive_float, metavar="N",
+                   help="play every file at N notes a second (runs trained with model.condition=density; default: "
+                        "the primer's, or without one a density drawn for each file from the training pieces')")
   gen.add_argument("--prefix", default="sample", help="file name prefix (default: sample)")
   gen.add_argument("--overwrite", action="store_true", help="replace files of the same names in --out")
   gen.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -25,8 +25,8 @@ Bound = int | float | str | None  # A number, or the key of another setting whos
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """What one key accepts: a `kind` of value (whole, number, name, flag, text, divisors, or an order of all
-  the `names`), within bounds
+  """What one key accepts: a `kind` of value (whole, number, name, flag, text, divisors, ascending numbers, or
+  an order of all the `names`), within bounds
   [low, high] (either end open with `open_low`/`open_high`), among `names`, or None where `unset` is true.
   """
 
@@ -50,7 +50,8 @@ class Rule:
     elif self.kind == "text":
       words = "text"
     else:
-      noun = {"whole": "a whole number", "number": "a number", "divisors": "a tuple of whole numbers"}[self.kind]
+      noun = {"whole": "a whole number", "number": "a number", "divisors": "a tuple of whole numbers",
+              "ascending": "an ascending tuple of numbers"}[self.kind]
       words = noun + self._range(config)
     if self._divisor(config):
       words += f", a multiple of {self.multiple_of} ({self._divisor(config)})"
@@ -88,8 +89,9 @@ class Rule:
       return isinstance(value, bool)
     if self.kind == "text":
       return isinstance(value, str)
-    if self.kind == "divisors":
-      return isinstance(value, (tuple, list)) and all(self._in_range(item, config) for item in value)
+    if self.kind in ("divisors", "ascending"):
+      return (isinstance(value, (tuple, list)) and all(self._in_range(item, config) for item in value)
+              and (self.kind == "divisors" or all(a <= b for a, b in zip(value, value[1:]))))
     divisor = self._divisor(config)
     return self._in_range(value, config) and not (divisor and value % divisor)
 
@@ -156,6 +158,7 @@ RULES = {
     "model.dt_bin": number(0.001, 1.0),
     "model.dt_max": number("model.dt_bin", 60.0, open_low=True),
     "model.time_mixture": whole(0, 64),
+    "model.condition": names(models.CONDITIONS),
     "train.steps": whole(1, MAX_STEPS),
     "train.batch_size": whole(1, multiple_of="mesh.data"),
     "train.isolation": names(losses.ISOLATION_MODES),
@@ -178,6 +181,7 @@ RULES = {
     "sample.top_p": number(0, 1, open_low=True),
     "sample.time_temperature": number(0, open_low=True),
     "sample.velocity_temperature": number(0, open_low=True),
+    "sample.density_quantiles": Rule("ascending", 0, open_low=True),
 }
 MISSING = object()
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from musicgen_jax import atomic, checkpointing, events, paths, sampling, store
+from musicgen_jax import atomic, checkpointing, events, models, paths, sampling, store
 from musicgen_jax.errors import UserError
 
 MAX_SEED = 2**63
@@ -31,7 +32,8 @@ def take(events: store.Events, count: int | None) -> store.Events:
 def check_options(*, num: int, length: int | None, seconds: float | None, batch_size: int,
                   temperature: float | None, time_temperature: float | None, velocity_temperature: float | None,
                   top_k: int | None, top_p: float | None, seed: int, primer: str | os.PathLike | None,
-                  primer_events: int | None, keep_primer: bool, prefix: str) -> None:
+                  primer_events: int | None, keep_primer: bool, prefix: str,
+                  notes_per_second: float | None = None) -> None:
   """Raises a UserError naming the first option out of range (a sampling option of None is the run's own)."""
   if length is not None and seconds is not None:
     raise UserError("give the length of the files in events (--length) or in seconds (--seconds), not both")
@@ -44,6 +46,8 @@ def check_options(*, num: int, length: int | None, seconds: float | None, batch_
                       ("velocity temperature", velocity_temperature)):
     if value is not None and not 0.0 < value < float("inf"):
       raise UserError(f"the {name} must be a positive number, not {value}")
+  if notes_per_second is not None and not 0.0 < notes_per_second < float("inf"):
+    raise UserError(f"--notes-per-second must be a positive number, not {notes_per_second}")
   if top_k is not None and top_k < 0:
     raise UserError(f"top-k must be 0 (off) or a positive number of pitches, not {top_k}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -96,16 +100,17 @@ def within_seconds(stream: store.Events, seconds: float | None) -> store.Events:
 
 
 def sample_batch(graphdef: Any, params: Any, state: Any, event: Any, keys: jax.Array, settings: sampling.Settings,
-                 held: Any, length: int | None, seconds: float | None) -> Any:
+                 held: Any, length: int | None, seconds: float | None, density: jax.Array | None = None) -> Any:
   """The events [B, T] of one batch: `length` of them, or, with `seconds`, chunks of SECONDS_CHUNK events until
-  every sequence holds that much music (or MAX_EVENTS_PER_SECOND per second of it)."""
+  every sequence holds that much music (or MAX_EVENTS_PER_SECOND per second of it); `density` as
+  `sampling.sample` takes it."""
   if seconds is None:
-    return sampling.sample_compiled(graphdef, params, state, event, keys, settings, length, held)[0]
+    return sampling.sample_compiled(graphdef, params, state, event, keys, settings, length, held, 0, density)[0]
   chunks, carry, music = [], (state, event, held), np.zeros(keys.shape[0])
   max_chunks = math.ceil(MAX_EVENTS_PER_SECOND * seconds / SECONDS_CHUNK)
   while music.min() < seconds and len(chunks) < max_chunks:
     chunk, carry = sampling.sample_compiled(graphdef, params, *carry[:2], keys, settings, SECONDS_CHUNK, carry[2],
-                                            len(chunks) * SECONDS_CHUNK)
+                                            len(chunks) * SECONDS_CHUNK, density)
     chunks.append(jax.device_get(chunk))
     music += chunks[-1]["dt"].sum(axis=1, dtype=np.float64)
   return {field: np.concatenate([chunk[field] for chunk in chunks], axis=1) for field in chunks[0]}
@@ -147,7 +152,7 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
              time_temperature: float | None = None, velocity_temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              primer: str | os.PathLike | None = None, primer_events: int | None = None, keep_primer: bool = False,
-             checkpoint: str | int = "latest", prefix: str = "sample",
+             notes_per_second: float | None = None, checkpoint: str | int = "latest", prefix: str = "sample",
              overwrite: bool = False, progress: bool = True) -> list[Path]:
   """Writes `num` MIDI files from a run's checkpoint, each `length` generated events (default
   DEFAULT_LENGTH) or `seconds` of generated music long; returns their paths.
@@ -155,7 +160,9 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   Files are sampled `batch_size` at a time (the last batch padded, so one compile serves all) and
   written as each batch is done. With `primer`, its first `primer_events` events (default
   DEFAULT_PRIMER_EVENTS) warm the model up and, with `keep_primer`, open every file. Existing files are
-  replaced only with `overwrite`. The sampling options left None are the run's `sample.*` settings.
+  replaced only with `overwrite`. The sampling options left None are the run's `sample.*` settings. A
+  density-conditioned run plays every file at `notes_per_second`, or else at its primer's density, or else at
+  a density drawn for each file from the training pieces' (`sampling.sequence_densities`).
   Every user mistake is a UserError.
   """
   from tqdm import tqdm
@@ -163,11 +170,15 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   check_options(num=num, length=length, seconds=seconds, batch_size=batch_size, temperature=temperature,
                 time_temperature=time_temperature, velocity_temperature=velocity_temperature, top_k=top_k,
                 top_p=top_p, seed=seed, primer=primer, primer_events=primer_events, keep_primer=keep_primer,
-                prefix=prefix)
+                prefix=prefix, notes_per_second=notes_per_second)
   if length is None and seconds is None:
     length = DEFAULT_LENGTH
   paths.check_writable(out_dir, "output folder")
   run = checkpointing.load_run(workdir, checkpoint)
+  conditioned = run.config.model.get("condition", "none") == "density"
+  if notes_per_second is not None and not conditioned:
+    raise UserError(f"the run at {workdir} does not read a note density (model.condition=none): drop "
+                    "--notes-per-second, or train with model.condition=density")
   primer_stream = None if primer is None else read_primer(primer, primer_events, run.config.data.sustain)
   files = output_paths(make_out_dir(out_dir), prefix, num)
   check_free(files, overwrite)
@@ -177,12 +188,22 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   batch = min(batch_size, num)
   replicated, sharded = sampling.device_placement(batch)
   params = jax.device_put(run.params, replicated)
-  state, event = jax.device_put(sampling.prime_compiled(run.graphdef, params, primer_inputs), replicated)
+  primer_density = None
+  if conditioned and primer_inputs is not None:
+    primer_density = (models.window_density(primer_inputs) if notes_per_second is None
+                      else jnp.full((1,), models.density_control(notes_per_second, 1.0)))
+  state, event = jax.device_put(sampling.prime_compiled(run.graphdef, params, primer_inputs, primer_density),
+                                replicated)
   held = (None if primer_inputs is None
           else jax.device_put(jax.jit(sampling.held_after)(primer_inputs), replicated))
-  batches = one_ahead((first, sample_batch(
-      run.graphdef, params, state, event, jax.device_put(sampling.sequence_keys(seed, first, batch), sharded),
-      settings, held, length, seconds)) for first in range(0, num, batch))
+
+  def batch_of(first: int) -> Any:
+    keys = jax.device_put(sampling.sequence_keys(seed, first, batch), sharded)
+    density = sampling.sequence_densities(run.config, keys, notes_per_second) if primer_density is None else (
+        primer_density)
+    return sample_batch(run.graphdef, params, state, event, keys, settings, held, length, seconds, density)
+
+  batches = one_ahead((first, batch_of(first)) for first in range(0, num, batch))
   with tqdm(total=num, unit="file", desc="generating", disable=not progress, dynamic_ncols=True) as bar:
     for first, sampled in batches:
       sampled = jax.device_get(sampled)

@@ -23,6 +23,9 @@ MAX_VELOCITY = distributions.MAX_VELOCITY
 DT_INPUT_SCALE = 0.01  # Seconds; dt inputs are fed as log1p(dt / DT_INPUT_SCALE).
 INPUT_MODES = ("pitch", "pitch+dt+velocity")
 HEAD_MODES = ("regression", "distribution")
+CONDITIONS = ("none", "density")  # model.condition: what every position reads besides the events.
+DENSITY_REFERENCE = 8.0  # Notes per second read as 0 by the density control (MAESTRO's pieces: about 10).
+DENSITY_RANGE = (0.25, 100.0)  # Notes per second; the control reads densities outside it as its ends.
 RECURRENCES = ("auto", "scan", "fused", "cudnn")  # model.recurrence: how the LSTM runs, never what it computes.
 
 
@@ -43,6 +46,18 @@ def continuous_inputs(dt: jax.Array, velocity: jax.Array) -> jax.Array:
   """The scaled dt and velocity features fed beside the pitch embedding, shape [..., 2]."""
   dt_feature = jnp.log1p(jnp.maximum(dt, 0.0) / DT_INPUT_SCALE)
   return jnp.stack([dt_feature, velocity / MAX_VELOCITY], axis=-1)
+
+
+def density_control(notes: Any, seconds: Any) -> jax.Array:
+  """The note-density control: log of `notes` onsets per `seconds` of music, over DENSITY_REFERENCE, clipped to
+  DENSITY_RANGE (any matching shapes)."""
+  per_second = jnp.asarray(notes, jnp.float32) / jnp.maximum(jnp.asarray(seconds, jnp.float32), 1e-3)
+  return jnp.log(jnp.clip(per_second, *DENSITY_RANGE) / DENSITY_REFERENCE)
+
+
+def window_density(events: Mapping[str, jax.Array]) -> jax.Array:
+  """The `density_control` [batch] of event streams [batch, time]: their onsets over their seconds."""
+  return density_control(jnp.sum(events["velocity"] > 0, axis=-1), jnp.sum(events["dt"], axis=-1, dtype=jnp.float32))
 
 
 def resolve_recurrence(name: str, dtype: Any) -> str:
@@ -273,7 +288,8 @@ class Head(nnx.Module):
 
   A head may read sub-events of the same event besides the features (`condition_classes`, the class
   count of each): each adds a learned row to the first layer's pre-activation, as a one-hot input would.
-  A head may read the held pitches (`HeldTerms`): how many notes of each age sound, into its first layer;
+  A head may read the note-density control (`reads_density`) into its first layer, and the held pitches
+  (`HeldTerms`): how many notes of each age sound, into its first layer;
   with `reads_own`, the age of the event's drawn pitch (zero for an onset), into its first layer and its
   output. The pitch head (`per_pitch`) also reads which pitches sound into its first layer, scores an
   onset and a release of every pitch apart (two logits a pitch), and a release also by the age of its
@@ -283,7 +299,7 @@ class Head(nnx.Module):
 
   def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
                dtype: Any, param_dtype: Any, rngs: nnx.Rngs, condition_classes: tuple[int, ...] = (),
-               reads_held: bool = False, reads_own: bool = False, per_pitch: bool = False):
+               reads_held: bool = False, reads_own: bool = False, per_pitch: bool = False, reads_density: bool = False):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
         nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
@@ -299,6 +315,7 @@ class Head(nnx.Module):
     self.own = linear(AGE_POINTS, widths[0], use_bias=False, dtype=dtype) if reads_own else None
     self.own_out = linear(AGE_POINTS, out_features, use_bias=False, **zeros) if reads_own else None
     self.sounding = linear(NUM_PITCHES, widths[0], use_bias=False, dtype=dtype) if per_pitch else None
+    self.density = linear(1, widths[0], use_bias=False, dtype=dtype) if reads_density else None
     self.release_age = linear(widths[-1], AGE_POINTS, **zeros) if per_pitch else None
     # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
     # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
@@ -306,10 +323,11 @@ class Head(nnx.Module):
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = (),
-               held: HeldTerms | None = None, own: jax.Array | None = None,
+               held: HeldTerms | None = None, own: jax.Array | None = None, density: jax.Array | None = None,
                first_layer: jax.Array | None = None) -> jax.Array:
     """Applies the head to `x` [..., features], the class ids `conditions` (each shaped [...]) and, where it
-    reads them, the held pitches `held` and the drawn pitch's `age_weights` `own` [..., AGE_POINTS]; given
+    reads them, the held pitches `held`, the drawn pitch's `age_weights` `own` [..., AGE_POINTS] and the
+    `density_control` `density` [...]; given
     `first_layer`, the first layer's weights and bias already applied to `x` (`MusicLSTM.first_layers`). All
     leading axes are folded into one first: with a single row axis the weight gradients are plain matmuls,
     where with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward
@@ -331,6 +349,8 @@ class Head(nnx.Module):
           x = x + table(ids.reshape(-1))
         read = [(self.own, own)] if held is None else [(self.census, held.census), (self.sounding, held.sounding),
                                                         (self.own, own)]
+        if self.density is not None:
+          read.append((self.density, density.reshape(-1, 1)))
         read = [(projection.kernel.value, value) for projection, value in read if projection is not None]
         if read:  # One matmul for all: each would write and re-read the whole pre-activation.
           x = x + dense(jnp.concatenate([value.astype(layer.dtype) for _, value in read], -1),
@@ -358,6 +378,9 @@ class MusicLSTM(nnx.Module):
   the LSTM features through `stop_gradient`, so the trunk learns only from the pitch loss and each head
   from its own. `model.recurrence` (see `resolve_recurrence`) chooses how the LSTM runs; the parameters
   are the same for every choice. Under cuDNN the layers hold the parameters and one cuDNN call runs the stack.
+  `model.condition="density"` adds a control that every position reads, the LSTM as an input and each head in its
+  first layer: `inputs["density"]` [batch, time], a `density_control` (in training, each window's own), so that
+  generation can be told, or drawn, how many notes a second to play and keeps to it.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -365,13 +388,17 @@ class MusicLSTM(nnx.Module):
       raise ValueError(f"model.inputs must be one of {INPUT_MODES}, not {config.inputs!r}")
     if config.heads not in HEAD_MODES:
       raise ValueError(f"model.heads must be one of {HEAD_MODES}, not {config.heads!r}")
+    # Runs saved before model.condition existed have none in their config.json.
+    self.condition = config.get("condition", "none")
+    if self.condition not in CONDITIONS:
+      raise ValueError(f"model.condition must be one of {CONDITIONS}, not {self.condition!r}")
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.inputs = config.inputs
     self.head_mode = config.heads
     # Runs saved before model.recurrence existed have none in their config.json.
     self.recurrence = resolve_recurrence(config.get("recurrence", "auto"), dtype)
     self.embed = nnx.Embed(NUM_PITCHES, config.embed, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    in_features = config.embed + (2 if config.inputs == "pitch+dt+velocity" else 0)
+    in_features = config.embed + (2 if config.inputs == "pitch+dt+velocity" else 0) + int(self.conditioned)
     self.lstm = nnx.List([
         LSTMLayer(in_features if i == 0 else config.hidden, config.hidden,
                   recurrence="fused" if self.recurrence == "fused" else "scan", dtype=dtype,
@@ -393,7 +420,8 @@ class MusicLSTM(nnx.Module):
       return Head(config.hidden, widths, 1 if regression and name != "pitch" else outputs,
                   dropout=config.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                   condition_classes=tuple(class_counts[b] for b in before), reads_held=reads_held,
-                  reads_own=reads_held and "pitch" in before, per_pitch=reads_held and name == "pitch")
+                  reads_own=reads_held and "pitch" in before, per_pitch=reads_held and name == "pitch",
+                  reads_density=self.conditioned)
 
     self.pitch_head = head("pitch")
     self.time_head = head("time")
@@ -418,11 +446,25 @@ class MusicLSTM(nnx.Module):
       final.append(layer_final)
     return x, tuple(final)
 
+  @property
+  def conditioned(self) -> bool:
+    """Whether every position reads the note-density control `inputs["density"]`."""
+    return self.condition == "density"
+
+  def extra_inputs(self, inputs: Mapping[str, jax.Array]) -> jax.Array | None:
+    """The features [..., k] fed to the first layer beside the pitch embedding of events `inputs` [...]: dt and
+    velocity and the density control, those the model reads (None if neither)."""
+    columns = []
+    if self.inputs == "pitch+dt+velocity":
+      columns.append(continuous_inputs(inputs["dt"], inputs["velocity"]))
+    if self.conditioned:
+      columns.append(inputs["density"][..., None].astype(jnp.float32))
+    return jnp.concatenate(columns, -1) if len(columns) > 1 else (columns or [None])[0]
+
   def input_projection(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
-    """The first layer's input projection [..., 4 * hidden] of events `inputs` (pitch, and dt and velocity
-    where the model reads them) of any shape [...]."""
-    extra = continuous_inputs(inputs["dt"], inputs["velocity"]) if self.inputs == "pitch+dt+velocity" else None
-    return self.lstm[0].project_embedded(self.embed, inputs["pitch"], extra)
+    """The first layer's input projection [..., 4 * hidden] of events `inputs` (pitch, and dt, velocity and
+    density where the model reads them) of any shape [...]."""
+    return self.lstm[0].project_embedded(self.embed, inputs["pitch"], self.extra_inputs(inputs))
 
   def recurrent_terms(self, state: tuple[LSTMState, ...]) -> tuple[jax.Array, ...]:
     """Each layer's `LSTMLayer.recurrent_term` of `state`, what `step` reads beside the next event."""
@@ -446,8 +488,9 @@ class MusicLSTM(nnx.Module):
                      state: tuple[LSTMState, ...]) -> tuple[jax.Array, tuple[LSTMState, ...]]:
     """`features` by one cuDNN call over the whole stack, which reads the batch-major inputs themselves."""
     x = self.embed(inputs["pitch"])
-    if self.inputs == "pitch+dt+velocity":
-      x = jnp.concatenate([x, continuous_inputs(inputs["dt"], inputs["velocity"]).astype(x.dtype)], -1)
+    extra = self.extra_inputs(inputs)
+    if extra is not None:
+      x = jnp.concatenate([x, extra.astype(x.dtype)], -1)
     outputs, h, c = cudnn_lstm.lstm(x, jnp.stack([s.h for s in state]), jnp.stack([s.c for s in state]),
                                     [layer.weights() for layer in self.lstm])
     return swap_batch_time(outputs), tuple(LSTMState(*layer_final) for layer_final in zip(h, c))
@@ -457,11 +500,11 @@ class MusicLSTM(nnx.Module):
 
   def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array],
                   held: HeldTerms | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None,
-                  first_layer: jax.Array | None = None) -> jax.Array:
+                  density: jax.Array | None = None, first_layer: jax.Array | None = None) -> jax.Array:
     """The output of sub-event `name`'s head from the features [..., hidden], the classes [...] of the
     sub-events before it in `self.order` (`before` may hold more; only those are read) and, for heads
-    that read them, the held pitches (`read_held`) and, once the event's pitch is drawn, that pitch's age
-    (none for an onset); `first_layer` as `Head` takes it."""
+    that read them, the held pitches (`read_held`), once the event's pitch is drawn, that pitch's age
+    (none for an onset), and the density control [...]; `first_layer` as `Head` takes it."""
     head = self.head_modules()[name]
     x = jax.lax.stop_gradient(features) if isolate_heads and name != "pitch" else features
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
@@ -469,7 +512,7 @@ class MusicLSTM(nnx.Module):
     if head.own is not None:
       own = held.pitch_age(before["pitch"])
     return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own,
-                first_layer=first_layer)
+                density=density, first_layer=first_layer)
 
   def first_layers(self, features: jax.Array) -> dict[str, jax.Array]:
     """Each head's first layer (its weights and bias) applied to `features` [..., hidden], all heads in one
@@ -487,12 +530,13 @@ class MusicLSTM(nnx.Module):
     return self.pitch_head.census is not None
 
   def heads(self, features: jax.Array, targets: Mapping[str, jax.Array] | None = None,
-            held: jax.Array | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
+            held: jax.Array | None = None, density: jax.Array | None = None, *, isolate_heads: bool,
+            rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
     """The heads' outputs at every position of `features`: `pitch_logits` and, in regression mode, `dt`
     (seconds) and `velocity` (/127), in distribution mode `time_logits` and `velocity_logits`, each head
-    reading the `targets` classes (time-major, like the features) before it."""
+    reading the `targets` classes (time-major, like the features) before it, and the `density` control."""
+    side = {"isolate_heads": isolate_heads, "rngs": rngs, "density": density}
     if self.head_mode == "regression":
-      side = {"isolate_heads": isolate_heads, "rngs": rngs}
       return {"pitch_logits": self.head_logits("pitch", features, {}, **side),
               "dt": self.head_logits("time", features, {}, **side)[..., 0],
               "velocity": self.head_logits("velocity", features, {}, **side)[..., 0]}
@@ -500,9 +544,7 @@ class MusicLSTM(nnx.Module):
       raise ValueError("distribution heads need the targets to read: pass targets, or draw with sampling")
     before = distributions.classes(targets, self.time_bins)
     held = read_held(held) if self.reads_held else None
-    return {f"{name}_logits": self.head_logits(name, features, before, held, isolate_heads=isolate_heads,
-                                               rngs=rngs)
-            for name in self.order}
+    return {f"{name}_logits": self.head_logits(name, features, before, held, **side) for name in self.order}
 
   def __call__(self, inputs: Mapping[str, jax.Array], state: tuple[LSTMState, ...] | None = None, *,
                targets: Mapping[str, jax.Array] | None = None, held: jax.Array | None = None,
@@ -513,7 +555,12 @@ class MusicLSTM(nnx.Module):
     `reads_held`, the pitches held after each input (`held_pitches`), from those held before the first
     (`held` [batch, 128], default silence: a window of a piece's middle starts with notes held). Outputs are
     [batch, time, ...], or with `time_major` [time, batch, ...] as the heads compute them: the losses read
-    them so, and no logits are transposed."""
+    them so, and no logits are transposed. A conditioned model reads `inputs["density"]`, by default the
+    window's own: the `window_density` of the targets, broadcast to every position."""
+    if self.conditioned and "density" not in inputs:
+      if targets is None:
+        raise ValueError("a density-conditioned model needs inputs['density'] or the targets to compute it from")
+      inputs = {**inputs, "density": jnp.broadcast_to(window_density(targets)[:, None], inputs["pitch"].shape)}
     if state is None:
       state = self.initial_state(inputs["pitch"].shape[0])
     features, final = self.features(inputs, state)
@@ -530,4 +577,5 @@ class MusicLSTM(nnx.Module):
     if self.reads_held:
       time_major = swap_batch_time((inputs["pitch"], inputs["dt"], inputs["velocity"]))
       held = held_pitches(*time_major, held, time_major=True)
-    return self.heads(features, targets, held, isolate_heads=isolate_heads, rngs=rngs)
+    density = swap_batch_time(inputs["density"]) if self.conditioned else None
+    return self.heads(features, targets, held, density, isolate_heads=isolate_heads, rngs=rngs)

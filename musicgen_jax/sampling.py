@@ -45,6 +45,7 @@ from musicgen_jax import distributions, models, store
 from musicgen_jax.errors import UserError
 
 START_EVENT = {"pitch": 60, "dt": 0.0, "velocity": 0.0}  # A release of middle C at dt 0.
+CONTROL_STREAM = 2**31 - 1  # Folded into a sequence's key for its density draw; step numbers stay below it.
 
 Event = dict[str, jax.Array]  # pitch int32, dt float32 seconds, velocity float32 MIDI units; [batch] or [batch, time].
 State = tuple[models.LSTMState, ...]
@@ -215,9 +216,10 @@ def allowed_classes(name: str, drawn: Mapping[str, jax.Array], sounding: jax.Arr
 
 
 def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, settings: Settings,
-               held: jax.Array) -> Event:
-  """The event drawn by distribution heads from one position's features [B, hidden] and the pitches held
-  [B, 128]: each sub-event in the model's order from its head given those drawn before it (see
+               held: jax.Array, density: jax.Array | None = None) -> Event:
+  """The event drawn by distribution heads from one position's features [B, hidden], the pitches held
+  [B, 128] and the density control [B] (a conditioned model's): each sub-event in the model's order from its
+  head given those drawn before it (see
   `allowed_classes`), pitch with temperature, top-k and top-p, time and velocity with their own
   temperatures (`draw_dt`)."""
   sounding = held >= 0
@@ -225,7 +227,7 @@ def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, se
   sub_keys = jax.vmap(lambda key: jax.random.split(key, len(model.order) + 1))(keys)
   drawn, first_layers = {}, model.first_layers(features)
   for i, name in enumerate(model.order):
-    logits = model.head_logits(name, features, drawn, held_terms, isolate_heads=False, rngs=None,
+    logits = model.head_logits(name, features, drawn, held_terms, isolate_heads=False, rngs=None, density=density,
                                first_layer=first_layers[name])
     if name == "time":
       tempered = distributions.temper_time(logits, settings.time_temperature, model.time_bins)
@@ -256,6 +258,24 @@ def draw_dt(keys: jax.Array, value_keys: jax.Array, outputs: jax.Array, bins: di
       rows, component]
   dt = jnp.clip(jnp.exp(log_dt), distributions.EDGE_MARGIN * bins.width, bins.max_dt)
   return jnp.where(zero_draw < jax.nn.sigmoid(zero_logit), 0.0, dt)
+
+
+def sequence_densities(config: ml_collections.ConfigDict, keys: jax.Array,
+                       notes_per_second: float | None = None) -> jax.Array | None:
+  """The `models.density_control` [B] of the sequences of `keys` for a density-conditioned run (None for
+  another): `notes_per_second` for every sequence, or each sequence's own draw from the run's
+  `sample.density_quantiles` (between two quantiles, log-linear), made with its key."""
+  if config.model.get("condition", "none") != "density":
+    return None
+  if notes_per_second is not None:
+    return jnp.full(keys.shape, models.density_control(notes_per_second, 1.0))
+  quantiles = np.asarray(config.sample.get("density_quantiles") or (), np.float64)
+  if quantiles.size < 2:
+    raise UserError("the run's config.json has no sample.density_quantiles (training sets them): pass "
+                    "--notes-per-second, or add them to its \"sample\" section")
+  points = uniform(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, CONTROL_STREAM))
+  notes = jnp.exp(jnp.interp(points, jnp.linspace(0.0, 1.0, quantiles.size), jnp.log(jnp.asarray(quantiles))))
+  return models.density_control(notes, 1.0)
 
 
 def uniform(keys: jax.Array) -> jax.Array:
@@ -298,35 +318,49 @@ def start(model: models.MusicLSTM) -> tuple[State, Event]:
   return model.initial_state(1), event
 
 
-def prime(model: models.MusicLSTM, primer: Event) -> tuple[State, Event]:
-  """The state after all but the last event of `primer` [B, P] (one model call) and that last event."""
-  _, state = model.features(jax.tree.map(lambda x: x[:, :-1], primer), model.initial_state(primer["pitch"].shape[0]))
+def prime(model: models.MusicLSTM, primer: Event, density: jax.Array | None = None) -> tuple[State, Event]:
+  """The state after all but the last event of `primer` [B, P] (one model call) and that last event; a
+  conditioned model reads them at the density control `density` [B] (`density_or_reference`)."""
+  inputs = jax.tree.map(lambda x: x[:, :-1], primer)
+  if model.conditioned:
+    inputs["density"] = jnp.broadcast_to(density_or_reference(density)[..., None], inputs["pitch"].shape)
+  _, state = model.features(inputs, model.initial_state(primer["pitch"].shape[0]))
   return state, jax.tree.map(lambda x: x[:, -1], primer)
 
 
+def density_or_reference(density: jax.Array | None) -> jax.Array:
+  """`density` as float32, or where None the control of `models.DENSITY_REFERENCE` notes per second (0): what a
+  density-conditioned model plays at unless told (`generate` always tells it)."""
+  return jnp.zeros((), jnp.float32) if density is None else jnp.asarray(density, jnp.float32)
+
+
 def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array, settings: Settings,
-           length: int, held: jax.Array | None = None,
-           first_step: jax.Array | int = 0) -> tuple[Event, tuple[State, Event, jax.Array]]:
+           length: int, held: jax.Array | None = None, first_step: jax.Array | int = 0,
+           density: jax.Array | None = None) -> tuple[Event, tuple[State, Event, jax.Array]]:
   """`length` events [B, length] for each key of `keys` [B], continuing `event` from `state` (batch 1 or B)
   with the pitches `held` [1 or B, 128] (default: silence; see `models.held_pitches`), and the carry
   (state, last event, held pitches) to continue from. Steps are numbered from `first_step`: a continuation from
-  the carry with `first_step=length` draws what one call of twice the length would.
+  the carry with `first_step=length` draws what one call of twice the length would. A density-conditioned
+  model plays at the `models.density_control` `density` [1 or B] of each sequence throughout
+  (`density_or_reference`).
   """
   batch = keys.shape[0]
   if held is None:
     held = jnp.full((1, models.NUM_PITCHES), models.SILENT)
   state, event, held = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), (state, event, held))
+  control = {"density": jnp.broadcast_to(density_or_reference(density), (batch,))} if model.conditioned else {}
 
   Carry = tuple[State, tuple[jax.Array, ...], Event, jax.Array]
 
   def step(carry: Carry, t: jax.Array) -> tuple[Carry, Event]:
     state, recurrent, event, held = carry
+    event = {**event, **control}
     if model.head_mode == "regression":
       outputs, state = model(jax.tree.map(lambda x: x[:, None], event), state)
       event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings, held >= 0)
     else:
       features, state = model.step(event, state, recurrent)
-      event = draw_event(model, features, step_keys(keys, t), settings, held)
+      event = draw_event(model, features, step_keys(keys, t), settings, held, control.get("density"))
       recurrent = model.recurrent_terms(state)
     return (state, recurrent, event, update_held(held, event)), event
 
@@ -337,18 +371,19 @@ def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def prime_compiled(graphdef: nnx.GraphDef, params: nnx.State, primer: Event | None) -> tuple[State, Event]:
+def prime_compiled(graphdef: nnx.GraphDef, params: nnx.State, primer: Event | None,
+                   density: jax.Array | None = None) -> tuple[State, Event]:
   """`prime` (or `start` when `primer` is None) of the model `graphdef` with `params`."""
   model = nnx.merge(graphdef, params)
-  return start(model) if primer is None else prime(model, primer)
+  return start(model) if primer is None else prime(model, primer, density)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "length"))
 def sample_compiled(graphdef: nnx.GraphDef, params: nnx.State, state: State, event: Event, keys: jax.Array,
-                    settings: Settings, length: int, held: jax.Array | None = None,
-                    first_step: jax.Array | int = 0) -> tuple[Event, tuple[State, Event, jax.Array]]:
+                    settings: Settings, length: int, held: jax.Array | None = None, first_step: jax.Array | int = 0,
+                    density: jax.Array | None = None) -> tuple[Event, tuple[State, Event, jax.Array]]:
   """`sample` of the model `graphdef` with `params`: compiled once per (batch, length, model)."""
-  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, held, first_step)
+  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, held, first_step, density)
 
 
 def device_placement(batch: int) -> tuple[NamedSharding, NamedSharding]:

@@ -28,6 +28,7 @@ from musicgen_jax.steps import Trainer, TrainState
 # train.steps of a run trained until stopped (the menu's empty answer): below the int32 step counter's
 # limit, and a multiple of every usual cadence so that steps per execution are not reduced.
 UNTIL_STOPPED = 2_000_000_000
+DENSITY_QUANTILES = 21  # Quantiles of the training pieces' notes per second kept for generation (every 5%).
 
 
 class SampleHook(Protocol):
@@ -163,6 +164,21 @@ def with_release_threshold(config: ml_collections.ConfigDict) -> ml_collections.
   return apply_overrides(config, [f"sample.release_threshold={threshold:.3f}"])
 
 
+def with_density_quantiles(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with `sample.density_quantiles` set, if unset and the model reads the density control, to the
+  notes per second of the training pieces at DENSITY_QUANTILES evenly spaced quantiles: generation draws each
+  file's density from them, so that a set of files is as varied in tempo as the pieces are."""
+  if config.model.get("condition", "none") != "density" or config.sample.get("density_quantiles"):
+    return config
+  split = store.open_split(config.data.dir, "train")
+  starts = split.offsets[:-1]
+  notes = np.add.reduceat((np.asarray(split.events.velocity) > 0).astype(np.float64), starts)
+  seconds = np.add.reduceat(np.asarray(split.events.dt, np.float64), starts)
+  per_second = notes[seconds > 0] / seconds[seconds > 0]
+  quantiles = np.quantile(per_second, np.linspace(0.0, 1.0, DENSITY_QUANTILES))
+  return apply_overrides(config, [f"sample.density_quantiles=({', '.join(f'{q:.4g}' for q in quantiles)},)"])
+
+
 def progress_bar(total: int, step: int, enabled: bool) -> Any:
   """The training bar, counting steps from `step`; without a total (nor an ETA) for a run trained until
   stopped. It says `compiling` until `restart_clock` is called after the first execution.
@@ -203,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if not store.has_split(data_dir, "train"):
     raise UserError(f"no prepared training data at {data_dir or '(data.dir unset)'}: "
                     "run `musicgen prepare SOURCE --out DIR` and pass --data DIR")
-  config = with_release_threshold(config)
+  config = with_density_quantiles(with_release_threshold(config))
   trainer = Trainer(config)  # Checks the devices against the config.
   workdir.mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as resources:

@@ -93,9 +93,12 @@ def teacher_forced(model: models.MusicLSTM, events: Events, first: int = 0) -> d
 @nnx.jit(static_argnames="length")
 def continuation(model: models.MusicLSTM, primer: Events, keys: jax.Array, settings: sampling.Settings,
                  length: int) -> Events:
-  """`length` events [B, length] drawn after each row of `primer` [B, P], as `generate --primer` draws them."""
-  state, event = sampling.prime(model, primer)
-  return sampling.sample(model, state, event, keys, settings, length, sampling.held_after(primer))[0]
+  """`length` events [B, length] drawn after each row of `primer` [B, P], as `generate --primer` draws them (a
+  density-conditioned model at each primer's own density)."""
+  density = models.window_density(primer) if model.conditioned else None
+  state, event = sampling.prime(model, primer, density)
+  return sampling.sample(model, state, event, keys, settings, length, sampling.held_after(primer),
+                         density=density)[0]
 
 
 def segments(total: int, size: int) -> list[tuple[int, int]]:
@@ -225,8 +228,9 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
   settings = sampling.make_settings(run.config)
   pieces = first_events(args.data, args.split, args.pieces, max(args.length, args.primer + args.continuation))
   state, event = sampling.start(model)
-  own, _ = sampling.sample_compiled(run.graphdef, run.params, state, event,
-                                    sampling.sequence_keys(args.seed, 0, args.pieces), settings, args.length)
+  keys = sampling.sequence_keys(args.seed, 0, args.pieces)
+  own, _ = sampling.sample_compiled(run.graphdef, run.params, state, event, keys, settings, args.length,
+                                    density=sampling.sequence_densities(run.config, keys))
   streams = {"real": {k: v[:, :args.length] for k, v in pieces.items()}, "own samples": jax.tree.map(np.asarray, own)}
   depths = {name: calibration(model, events, args.segment) for name, events in streams.items()}
   return {"workdir": str(args.workdir), "step": run.step, "split": args.split, "pieces": args.pieces,

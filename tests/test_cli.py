@@ -98,6 +98,7 @@ def trained_run(midi_folder, tmp_path_factory) -> Path:
     (["--primer", "{tmp}/missing.mid"], "missing.mid"),
     (["--primer", "{tmp}/garbage.mid"], "garbage.mid"),
     (["--checkpoint", "999"], "999"),
+    (["--notes-per-second", "4"], "model.condition=none"),
 ])
 def test_generation_mistakes_are_one_line_and_exit_2(capsys, tmp_path, trained_run, argv, message):
   (tmp_path / "garbage.mid").write_bytes(b"this is not a MIDI file")
@@ -236,7 +237,8 @@ BAD_VALUES = [
     "train.optimizers.velocity.warmup_steps=-1", "train.optimizers.pitch.decay_rate=0",
     "train.optimizers.time.decay_steps=0", "train.optimizers.velocity.clip_norm=-1",
     "train.optimizers.pitch.weight_decay=-0.1", "mesh.data=-1", "mesh.data=3", "sample.max_dt=0",
-    "sample.release_threshold=200", "sample.release_threshold=-1",
+    "sample.release_threshold=200", "sample.release_threshold=-1", "model.condition=tempo",
+    "sample.density_quantiles=(4.0,0.0)",
 ]
 
 

@@ -392,3 +392,38 @@ def test_a_model_config_saved_before_recurrence_existed_runs_auto():
   del model_config["recurrence"]
   model = models.MusicLSTM(ml_collections.ConfigDict(model_config), rngs=nnx.Rngs(params=0))
   assert model.recurrence == models.resolve_recurrence("auto", jnp.float32)
+
+
+def test_window_density_is_onsets_per_second_against_the_reference():
+  window = {"dt": jnp.asarray([[0.0, 0.5, 0.25, 0.75], [0.1, 0.0, 0.0, 0.0]]),
+            "velocity": jnp.asarray([[80.0, 0.0, 64.0, 0.0], [0.0, 0.0, 0.0, 0.0]])}
+  # Two onsets in 1.5 s; none at all reads as the lowest density of the control's range.
+  np.testing.assert_allclose(models.window_density(window), np.log([2 / 1.5 / 8.0, 0.25 / 8.0]), rtol=1e-6)
+
+
+def test_a_conditioned_model_reads_the_window_s_density_unless_given_another_in_every_head():
+  model = tiny_model("model.condition=density")
+  plain = tiny_model()
+  assert model.conditioned and not plain.conditioned
+  assert model.lstm[0].input_proj.kernel.shape[0] == plain.lstm[0].input_proj.kernel.shape[0] + 1
+  x = random_inputs(3, 12)
+  own, _ = run(model, x, None, TARGETS)
+  window = jnp.broadcast_to(models.window_density(TARGETS)[:, None], (3, 12))
+  given, _ = run(model, dict(x, density=window), None, TARGETS)
+  other, _ = run(model, dict(x, density=window + 0.5), None, TARGETS)
+  for key in own:
+    np.testing.assert_array_equal(own[key], given[key])
+    assert not np.allclose(own[key], other[key]), key
+  # Each head reads the control itself, not only through the LSTM's features (which strict isolation keeps
+  # from the time and velocity heads' losses).
+  features, held = jnp.zeros((3, 64)), models.read_held(jnp.full((3, 128), models.SILENT))
+  before = {"pitch": jnp.asarray([60, 61, 62]), "velocity": jnp.asarray([0, 80, 100]), "time": jnp.asarray([0, 5, 9])}
+  for name in model.order:
+    at = lambda density: model.head_logits(name, features, before, held, isolate_heads=False, rngs=None,
+                                           density=jnp.full((3,), density))
+    assert not np.allclose(at(0.0), at(1.0)), name
+
+
+def test_a_conditioned_model_needs_a_density_or_the_targets():
+  with pytest.raises(ValueError, match="density"):
+    tiny_model("model.condition=density", "model.heads=regression")(random_inputs(2, 5))

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from musicgen_jax import checkpointing, models, plots, steps, store, train
+from musicgen_jax import checkpointing, events, generate, models, plots, steps, store, train
 from musicgen_jax.config import apply_overrides, load_config, read_config
 from musicgen_jax.errors import UserError
 
@@ -24,6 +24,17 @@ def scale_corpus(seed: int, pieces: int = 6, length: int = 400) -> list[store.Ev
     dt = np.tile(np.array([0.25, 0.125], np.float32), length // 2)
     result.append(store.Events(pitch, dt, velocity))
   return result
+
+
+def tempo_corpus(seed: int, pieces: int = 8) -> list[store.Events]:
+  """`scale_corpus` with every other piece four times as slow: 2.67 and 0.67 notes a second."""
+  return [store.Events(p.pitch, p.dt * np.float32(4.0 if i % 2 else 1.0), p.velocity)
+          for i, p in enumerate(scale_corpus(seed, pieces))]
+
+
+def notes_per_second(path) -> float:
+  stream = events.midi_to_events(path, sustain=False)
+  return float(np.sum(stream.velocity > 0) / np.sum(stream.dt, dtype=np.float64))
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +321,29 @@ def test_a_start_refused_by_the_devices_creates_no_run_folder(corpus, tmp_path):
     train.train_and_evaluate(tiny(corpus, f"mesh.data={jax.device_count() + 1}", "train.batch_size=32"),
                              tmp_path / "run", progress=False)
   assert not (tmp_path / "run").exists()
+
+
+def test_a_density_conditioned_run_plays_at_the_density_it_is_told_drawn_or_primed(tmp_path):
+  """Trained on pieces at 2.67 and at 0.67 notes a second, a run reading the density control plays files at
+  the density it is given; without one, each file at a density drawn from the training pieces' (saved as
+  quantiles when training starts), or at its primer's."""
+  store.write_corpus(tmp_path / "data", {"train": tempo_corpus(0), "validation": tempo_corpus(1, pieces=2)})
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny(tmp_path / "data", "train.steps=200", "model.condition=density",
+                                "data.time_stretch=0.0"), run, progress=False)
+  quantiles = read_config(run).sample.density_quantiles
+  assert len(quantiles) == train.DENSITY_QUANTILES
+  assert (quantiles[0], quantiles[-1]) == (pytest.approx(2 / 3, rel=1e-3), pytest.approx(8 / 3, rel=1e-3))
+
+  def rates(name, **options):
+    files = generate.generate(run, tmp_path / name, num=8, length=96, batch_size=8, progress=False, **options)
+    return np.array([notes_per_second(path) for path in files])
+
+  slow, fast = rates("slow", notes_per_second=2 / 3), rates("fast", notes_per_second=8 / 3)
+  assert np.median(fast) > 2.5 * np.median(slow), (slow, fast)
+  drawn = rates("drawn")
+  assert np.min(drawn) < 0.5 * np.max(drawn), drawn
+  primer = tmp_path / "slow.mid"
+  events.write_midi(tempo_corpus(2, pieces=2)[1], primer)
+  primed = rates("primed", primer=primer, primer_events=64)
+  assert np.median(primed) < 0.5 * np.median(fast), (primed, fast)
