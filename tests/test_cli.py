@@ -156,8 +156,8 @@ def test_evaluate_prints_deterministic_json(capsys, trained_run, midi_folder, tm
   assert code == 0
   first = json.loads(out)
   assert set(first) == {"pitch_nll", "pitch_accuracy", "time_nll", "velocity_nll", "total_nll", "bits_per_note",
-                        "bits_per_second", "events", "step"}
-  assert first["step"] == 4 and first["events"] > 0
+                        "bits_per_second", "events", "step", "condition"}
+  assert first["step"] == 4 and first["events"] > 0 and first["condition"] == "none"
   assert first["total_nll"] == pytest.approx(first["pitch_nll"] + first["time_nll"] + first["velocity_nll"])
   assert first["bits_per_note"] == pytest.approx(2 * first["total_nll"] / math.log(2))
   code, out, _ = run_cli(capsys, "evaluate", "--workdir", str(trained_run), "--data", str(midi_folder),

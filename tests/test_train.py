@@ -330,7 +330,9 @@ def test_a_density_conditioned_run_plays_at_the_density_it_is_told_drawn_or_prim
   store.write_corpus(tmp_path / "data", {"train": tempo_corpus(0), "validation": tempo_corpus(1, pieces=2)})
   run = tmp_path / "run"
   train.train_and_evaluate(tiny(tmp_path / "data", "train.steps=200", "model.condition=density",
-                                "data.time_stretch=0.0"), run, progress=False)
+                                "data.time_stretch=0.0", "train.sample_every=200", "train.sample_count=2",
+                                "train.sample_length=32"), run, progress=False, samples=plots.log_samples)
+  assert len(list((run / "samples" / "step_200").glob("*.mid"))) == 2
   quantiles = read_config(run).sample.density_quantiles
   assert len(quantiles) == train.DENSITY_QUANTILES
   assert (quantiles[0], quantiles[-1]) == (pytest.approx(2 / 3, rel=1e-3), pytest.approx(8 / 3, rel=1e-3))
