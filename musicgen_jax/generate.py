@@ -175,7 +175,7 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
     length = DEFAULT_LENGTH
   paths.check_writable(out_dir, "output folder")
   run = checkpointing.load_run(workdir, checkpoint)
-  conditioned = run.config.model.get("condition", "none") == "density"
+  conditioned = models.condition_of(run.config.model) == "density"
   if notes_per_second is not None and not conditioned:
     raise UserError(f"the run at {workdir} does not read a note density (model.condition=none): drop "
                     "--notes-per-second, or train with model.condition=density")

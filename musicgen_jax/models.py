@@ -55,6 +55,11 @@ def density_control(notes: Any, seconds: Any) -> jax.Array:
   return jnp.log(jnp.clip(per_second, *DENSITY_RANGE) / DENSITY_REFERENCE)
 
 
+def condition_of(model_config: Mapping[str, Any]) -> str:
+  """A model config's `model.condition`: "none" for runs saved before the key existed."""
+  return model_config.get("condition", "none")
+
+
 def window_density(events: Mapping[str, jax.Array]) -> jax.Array:
   """The `density_control` [batch] of event streams [batch, time]: their onsets over their seconds."""
   return density_control(jnp.sum(events["velocity"] > 0, axis=-1), jnp.sum(events["dt"], axis=-1, dtype=jnp.float32))
@@ -388,8 +393,7 @@ class MusicLSTM(nnx.Module):
       raise ValueError(f"model.inputs must be one of {INPUT_MODES}, not {config.inputs!r}")
     if config.heads not in HEAD_MODES:
       raise ValueError(f"model.heads must be one of {HEAD_MODES}, not {config.heads!r}")
-    # Runs saved before model.condition existed have none in their config.json.
-    self.condition = config.get("condition", "none")
+    self.condition = condition_of(config)
     if self.condition not in CONDITIONS:
       raise ValueError(f"model.condition must be one of {CONDITIONS}, not {self.condition!r}")
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
@@ -459,7 +463,9 @@ class MusicLSTM(nnx.Module):
       columns.append(continuous_inputs(inputs["dt"], inputs["velocity"]))
     if self.conditioned:
       columns.append(inputs["density"][..., None].astype(jnp.float32))
-    return jnp.concatenate(columns, -1) if len(columns) > 1 else (columns or [None])[0]
+    if len(columns) > 1:
+      return jnp.concatenate(columns, -1)
+    return columns[0] if columns else None
 
   def input_projection(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
     """The first layer's input projection [..., 4 * hidden] of events `inputs` (pitch, and dt, velocity and

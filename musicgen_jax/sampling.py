@@ -265,7 +265,7 @@ def sequence_densities(config: ml_collections.ConfigDict, keys: jax.Array,
   """The `models.density_control` [B] of the sequences of `keys` for a density-conditioned run (None for
   another): `notes_per_second` for every sequence, or each sequence's own draw from the run's
   `sample.density_quantiles` (between two quantiles, log-linear), made with its key."""
-  if config.model.get("condition", "none") != "density":
+  if models.condition_of(config.model) != "density":
     return None
   if notes_per_second is not None:
     return jnp.full(keys.shape, models.density_control(notes_per_second, 1.0))

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from musicgen_jax import atomic, checkpointing, config_checks, input_pipeline, optimizers, paths, rundir, store
+from musicgen_jax import atomic, checkpointing, config_checks, input_pipeline, models, optimizers, paths, rundir, store
 from musicgen_jax.config import apply_overrides, save_config
 from musicgen_jax.errors import UserError
 from musicgen_jax.losses import HEADS, summarize
@@ -168,7 +168,7 @@ def with_density_quantiles(config: ml_collections.ConfigDict) -> ml_collections.
   """`config` with `sample.density_quantiles` set, if unset and the model reads the density control, to the
   notes per second of the training pieces at DENSITY_QUANTILES evenly spaced quantiles: generation draws each
   file's density from them, so that a set of files is as varied in tempo as the pieces are."""
-  if config.model.get("condition", "none") != "density" or config.sample.get("density_quantiles"):
+  if models.condition_of(config.model) != "density" or config.sample.get("density_quantiles"):
     return config
   split = store.open_split(config.data.dir, "train")
   starts = split.offsets[:-1]
