@@ -38,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.time_mixture = 0
   # "density": every position also reads a note-density control (log notes per second over the training
   # window), which generation sets per file (`--notes-per-second`, or drawn from `sample.density_quantiles`,
-  # or a primer's own), so that files keep one tempo and differ as pieces do. "none": the events alone.
+  # or a primer's own), so that files keep one tempo and differ as pieces do. "polyphony": the same for the
+  # notes sounding at once (`--polyphony`, `sample.polyphony_quantiles`). "density+polyphony": both.
+  # "none": the events alone.
   config.model.condition = "none"
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   config.model.param_dtype = "float32"
@@ -90,9 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.top_p = 0.98
   config.sample.time_temperature = 1.0
   config.sample.velocity_temperature = 1.0
-  # Notes per second of the training pieces at 21 evenly spaced quantiles, from which a density-conditioned
-  # model draws each file's density. (): set when training starts.
+  # Notes per second and notes sounding at once of the training pieces at 21 evenly spaced quantiles, from
+  # which a conditioned model draws each file's controls. (): set when training starts.
   config.sample.density_quantiles = ()
+  config.sample.polyphony_quantiles = ()
 
   config.lock()
   return config

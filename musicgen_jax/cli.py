@@ -96,8 +96,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             time_temperature=args.time_temperature, velocity_temperature=args.velocity_temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, primer=args.primer,
                             primer_events=args.primer_events, keep_primer=args.keep_primer,
-                            notes_per_second=args.notes_per_second, checkpoint=args.checkpoint, prefix=args.prefix,
-                            overwrite=args.overwrite, progress=not args.quiet)
+                            notes_per_second=args.notes_per_second, polyphony=args.polyphony,
+                            checkpoint=args.checkpoint, prefix=args.prefix, overwrite=args.overwrite,
+                            progress=not args.quiet)
   print(f"wrote {len(files)} MIDI file{'s' * (len(files) != 1)} to {Path(args.out).resolve()}")
   if args.plot:
     from musicgen_jax import plots
@@ -217,8 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the primer's first P events (default: up to 2048)")
   gen.add_argument("--keep-primer", action="store_true", help="include the primer in the written files")
   gen.add_argument("--notes-per-second", type=positive_float, metavar="N",
-                   help="play every file at N notes a second (runs trained with model.condition=density; default: "
+                   help="play every file at N notes a second (runs whose model.condition reads density; default: "
                         "the primer's, or without one a density drawn for each file from the training pieces')")
+  gen.add_argument("--polyphony", type=positive_float, metavar="N",
+                   help="hold N notes at once on average in every file (runs whose model.condition reads polyphony; "
+                        "default: the primer's, or without one a polyphony drawn for each file from the training "
+                        "pieces')")
   gen.add_argument("--prefix", default="sample", help="file name prefix (default: sample)")
   gen.add_argument("--overwrite", action="store_true", help="replace files of the same names in --out")
   gen.add_argument("--quiet", action="store_true", help="no progress bar")

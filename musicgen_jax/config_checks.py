@@ -181,7 +181,7 @@ RULES = {
     "sample.top_p": number(0, 1, open_low=True),
     "sample.time_temperature": number(0, open_low=True),
     "sample.velocity_temperature": number(0, open_low=True),
-    "sample.density_quantiles": Rule("ascending", 0, open_low=True),
+    **{f"sample.{name}_quantiles": Rule("ascending", 0, open_low=True) for name in models.CONTROLS},
 }
 MISSING = object()
 

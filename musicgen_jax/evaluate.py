@@ -31,7 +31,7 @@ def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: 
   """The metrics of one checkpoint (`steps.Trainer.evaluate`) and its `step`: per-component NLL in nats/event
   (pitch, time, velocity; for regression heads from the Laplace and Gaussian fitted on `split`), the
   total, bits per note and per second, pitch accuracy and, for regression heads, dt MAE and velocity RMSE; and
-  the `condition` they are conditional on (`model.condition`: "density" reads each window's own density)."""
+  the `condition` they are conditional on (`model.condition`: the controls read, each window's own)."""
   from musicgen_jax import checkpointing, config_checks, input_pipeline, models, steps
   from musicgen_jax import config as config_lib
 
@@ -43,4 +43,4 @@ def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: 
   run = checkpointing.load_run(workdir, checkpoint)
   trainer = steps.Trainer(run.config)
   metrics = trainer.evaluate(run.params, input_pipeline.eval_batches(run.config, data_dir, split), fit_likelihood=True)
-  return {**metrics, "step": run.step, "condition": models.condition_of(run.config.model)}
+  return {**metrics, "step": run.step, "condition": "+".join(models.controls_of(run.config.model)) or "none"}

@@ -33,21 +33,20 @@ def check_options(*, num: int, length: int | None, seconds: float | None, batch_
                   temperature: float | None, time_temperature: float | None, velocity_temperature: float | None,
                   top_k: int | None, top_p: float | None, seed: int, primer: str | os.PathLike | None,
                   primer_events: int | None, keep_primer: bool, prefix: str,
-                  notes_per_second: float | None = None) -> None:
+                  notes_per_second: float | None = None, polyphony: float | None = None) -> None:
   """Raises a UserError naming the first option out of range (a sampling option of None is the run's own)."""
   if length is not None and seconds is not None:
     raise UserError("give the length of the files in events (--length) or in seconds (--seconds), not both")
   for name, value in (("num", num), ("length", 1 if length is None else length), ("batch size", batch_size)):
     if value < 1:
       raise UserError(f"the {name} must be at least 1, not {value}")
-  if seconds is not None and not 0.0 < seconds < float("inf"):
-    raise UserError(f"--seconds must be a positive number, not {seconds}")
+  for option, value in (("--seconds", seconds), ("--notes-per-second", notes_per_second), ("--polyphony", polyphony)):
+    if value is not None and not 0.0 < value < float("inf"):
+      raise UserError(f"{option} must be a positive number, not {value}")
   for name, value in (("temperature", temperature), ("time temperature", time_temperature),
                       ("velocity temperature", velocity_temperature)):
     if value is not None and not 0.0 < value < float("inf"):
       raise UserError(f"the {name} must be a positive number, not {value}")
-  if notes_per_second is not None and not 0.0 < notes_per_second < float("inf"):
-    raise UserError(f"--notes-per-second must be a positive number, not {notes_per_second}")
   if top_k is not None and top_k < 0:
     raise UserError(f"top-k must be 0 (off) or a positive number of pitches, not {top_k}")
   if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -100,17 +99,17 @@ def within_seconds(stream: store.Events, seconds: float | None) -> store.Events:
 
 
 def sample_batch(graphdef: Any, params: Any, state: Any, event: Any, keys: jax.Array, settings: sampling.Settings,
-                 held: Any, length: int | None, seconds: float | None, density: jax.Array | None = None) -> Any:
+                 held: Any, length: int | None, seconds: float | None, controls: Any = None) -> Any:
   """The events [B, T] of one batch: `length` of them, or, with `seconds`, chunks of SECONDS_CHUNK events until
-  every sequence holds that much music (or MAX_EVENTS_PER_SECOND per second of it); `density` as
-  `sampling.sample` takes it."""
+  every sequence holds that much music (or MAX_EVENTS_PER_SECOND per second of it); `controls` as
+  `sampling.sample` takes them."""
   if seconds is None:
-    return sampling.sample_compiled(graphdef, params, state, event, keys, settings, length, held, 0, density)[0]
+    return sampling.sample_compiled(graphdef, params, state, event, keys, settings, length, held, 0, controls)[0]
   chunks, carry, music = [], (state, event, held), np.zeros(keys.shape[0])
   max_chunks = math.ceil(MAX_EVENTS_PER_SECOND * seconds / SECONDS_CHUNK)
   while music.min() < seconds and len(chunks) < max_chunks:
     chunk, carry = sampling.sample_compiled(graphdef, params, *carry[:2], keys, settings, SECONDS_CHUNK, carry[2],
-                                            len(chunks) * SECONDS_CHUNK, density)
+                                            len(chunks) * SECONDS_CHUNK, controls)
     chunks.append(jax.device_get(chunk))
     music += chunks[-1]["dt"].sum(axis=1, dtype=np.float64)
   return {field: np.concatenate([chunk[field] for chunk in chunks], axis=1) for field in chunks[0]}
@@ -152,7 +151,8 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
              time_temperature: float | None = None, velocity_temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              primer: str | os.PathLike | None = None, primer_events: int | None = None, keep_primer: bool = False,
-             notes_per_second: float | None = None, checkpoint: str | int = "latest", prefix: str = "sample",
+             notes_per_second: float | None = None, polyphony: float | None = None,
+             checkpoint: str | int = "latest", prefix: str = "sample",
              overwrite: bool = False, progress: bool = True) -> list[Path]:
   """Writes `num` MIDI files from a run's checkpoint, each `length` generated events (default
   DEFAULT_LENGTH) or `seconds` of generated music long; returns their paths.
@@ -161,8 +161,9 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   written as each batch is done. With `primer`, its first `primer_events` events (default
   DEFAULT_PRIMER_EVENTS) warm the model up and, with `keep_primer`, open every file. Existing files are
   replaced only with `overwrite`. The sampling options left None are the run's `sample.*` settings. A
-  density-conditioned run plays every file at `notes_per_second`, or else at its primer's density, or else at
-  a density drawn for each file from the training pieces' (`sampling.sequence_densities`).
+  conditioned run plays every file at `notes_per_second` and holds `polyphony` notes at once on average (for
+  the controls it reads), or else at its primer's, or else at values drawn for each file from the training
+  pieces' (`sampling.sequence_controls`).
   Every user mistake is a UserError.
   """
   from tqdm import tqdm
@@ -170,15 +171,18 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   check_options(num=num, length=length, seconds=seconds, batch_size=batch_size, temperature=temperature,
                 time_temperature=time_temperature, velocity_temperature=velocity_temperature, top_k=top_k,
                 top_p=top_p, seed=seed, primer=primer, primer_events=primer_events, keep_primer=keep_primer,
-                prefix=prefix, notes_per_second=notes_per_second)
+                prefix=prefix, notes_per_second=notes_per_second, polyphony=polyphony)
   if length is None and seconds is None:
     length = DEFAULT_LENGTH
   paths.check_writable(out_dir, "output folder")
   run = checkpointing.load_run(workdir, checkpoint)
-  conditioned = models.condition_of(run.config.model) == "density"
-  if notes_per_second is not None and not conditioned:
-    raise UserError(f"the run at {workdir} does not read a note density (model.condition=none): drop "
-                    "--notes-per-second, or train with model.condition=density")
+  given = {"density": notes_per_second, "polyphony": polyphony}
+  controls = models.controls_of(run.config.model)
+  for name, value in given.items():
+    if value is not None and name not in controls:
+      raise UserError(f"the run at {workdir} does not read the {name} control (model.condition="
+                      f"{run.config.model.get('condition', 'none')}): drop {sampling.CONTROL_OPTIONS[name]}, or "
+                      f"train with a model.condition that reads {name}")
   primer_stream = None if primer is None else read_primer(primer, primer_events, run.config.data.sustain)
   files = output_paths(make_out_dir(out_dir), prefix, num)
   check_free(files, overwrite)
@@ -188,20 +192,18 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   batch = min(batch_size, num)
   replicated, sharded = sampling.device_placement(batch)
   params = jax.device_put(run.params, replicated)
-  primer_density = None
-  if conditioned and primer_inputs is not None:
-    primer_density = (models.window_density(primer_inputs) if notes_per_second is None
-                      else jnp.full((1,), models.density_control(notes_per_second, 1.0)))
-  state, event = jax.device_put(sampling.prime_compiled(run.graphdef, params, primer_inputs, primer_density),
-                                replicated)
+  primed = None
+  if controls and primer_inputs is not None:
+    primed = {name: (jnp.full((1,), sampling.control_value(name, given[name])) if given[name] is not None
+                     else value) for name, value in sampling.primer_controls(controls, primer_inputs).items()}
+  state, event = jax.device_put(sampling.prime_compiled(run.graphdef, params, primer_inputs, primed), replicated)
   held = (None if primer_inputs is None
           else jax.device_put(jax.jit(sampling.held_after)(primer_inputs), replicated))
 
   def batch_of(first: int) -> Any:
     keys = jax.device_put(sampling.sequence_keys(seed, first, batch), sharded)
-    density = sampling.sequence_densities(run.config, keys, notes_per_second) if primer_density is None else (
-        primer_density)
-    return sample_batch(run.graphdef, params, state, event, keys, settings, held, length, seconds, density)
+    sequence_controls = sampling.sequence_controls(run.config, keys, given) if primed is None else primed
+    return sample_batch(run.graphdef, params, state, event, keys, settings, held, length, seconds, sequence_controls)
 
   batches = one_ahead((first, batch_of(first)) for first in range(0, num, batch))
   with tqdm(total=num, unit="file", desc="generating", disable=not progress, dynamic_ncols=True) as bar:

@@ -23,9 +23,13 @@ MAX_VELOCITY = distributions.MAX_VELOCITY
 DT_INPUT_SCALE = 0.01  # Seconds; dt inputs are fed as log1p(dt / DT_INPUT_SCALE).
 INPUT_MODES = ("pitch", "pitch+dt+velocity")
 HEAD_MODES = ("regression", "distribution")
-CONDITIONS = ("none", "density")  # model.condition: what every position reads besides the events.
+CONTROLS = ("density", "polyphony")  # What a conditioned model can read besides the events, in reading order.
+# model.condition: the controls every position reads ("none", or some of CONTROLS joined by "+").
+CONDITIONS = ("none", "density", "polyphony", "density+polyphony")
 DENSITY_REFERENCE = 8.0  # Notes per second read as 0 by the density control (MAESTRO's pieces: about 10).
 DENSITY_RANGE = (0.25, 100.0)  # Notes per second; the control reads densities outside it as its ends.
+POLYPHONY_REFERENCE = 4.0  # Notes sounding at once read as 0 by the polyphony control (MAESTRO's pieces: about 5.5).
+POLYPHONY_RANGE = (0.5, 64.0)  # Notes; the control reads polyphonies outside it as its ends.
 RECURRENCES = ("auto", "scan", "fused", "cudnn")  # model.recurrence: how the LSTM runs, never what it computes.
 
 
@@ -55,14 +59,42 @@ def density_control(notes: Any, seconds: Any) -> jax.Array:
   return jnp.log(jnp.clip(per_second, *DENSITY_RANGE) / DENSITY_REFERENCE)
 
 
-def condition_of(model_config: Mapping[str, Any]) -> str:
-  """A model config's `model.condition`: "none" for runs saved before the key existed."""
-  return model_config.get("condition", "none")
+def polyphony_control(notes_sounding: Any) -> jax.Array:
+  """The polyphony control: log of the mean number of notes sounding at once over POLYPHONY_REFERENCE, clipped to
+  POLYPHONY_RANGE (any shape)."""
+  return jnp.log(jnp.clip(jnp.asarray(notes_sounding, jnp.float32), *POLYPHONY_RANGE) / POLYPHONY_REFERENCE)
+
+
+def controls_of(model_config: Mapping[str, Any]) -> tuple[str, ...]:
+  """The controls a model config's `model.condition` reads, in CONTROLS order: none for "none" and for runs saved
+  before the key existed."""
+  condition = model_config.get("condition", "none")
+  return () if condition == "none" else tuple(condition.split("+"))
 
 
 def window_density(events: Mapping[str, jax.Array]) -> jax.Array:
   """The `density_control` [batch] of event streams [batch, time]: their onsets over their seconds."""
   return density_control(jnp.sum(events["velocity"] > 0, axis=-1), jnp.sum(events["dt"], axis=-1, dtype=jnp.float32))
+
+
+def window_polyphony(inputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array],
+                     held: jax.Array | None = None) -> jax.Array:
+  """The `polyphony_control` [batch] of the stream that `inputs` [batch, time] start and `targets` (the inputs
+  shifted by one event) end, from the pitches `held` before it (default silence): the notes sounding in each gap
+  between two events, weighted by its dt, averaged over the time some note sounds (as `musicgen stats`'s mean
+  polyphony)."""
+  counts = jnp.sum(held_pitches(inputs["pitch"], inputs["dt"], inputs["velocity"], held) >= 0, axis=-1)
+  dt = targets["dt"].astype(jnp.float32)
+  sounding_time = jnp.sum(jnp.where(counts > 0, dt, 0.0), axis=-1)
+  return polyphony_control(jnp.sum(counts * dt, axis=-1) / jnp.maximum(sounding_time, 1e-3))
+
+
+def window_controls(names: tuple[str, ...], inputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array],
+                    held: jax.Array | None = None) -> dict[str, jax.Array]:
+  """The controls `names` [batch] of the window that `inputs` [batch, time] start and `targets` end (see
+  `window_polyphony`): what a conditioned model reads in training, and a primer's own."""
+  measures = {"density": lambda: window_density(targets), "polyphony": lambda: window_polyphony(inputs, targets, held)}
+  return {name: measures[name]() for name in names}
 
 
 def resolve_recurrence(name: str, dtype: Any) -> str:
@@ -293,7 +325,7 @@ class Head(nnx.Module):
 
   A head may read sub-events of the same event besides the features (`condition_classes`, the class
   count of each): each adds a learned row to the first layer's pre-activation, as a one-hot input would.
-  A head may read the note-density control (`reads_density`) into its first layer, and the held pitches
+  A head may read the controls of a conditioned model (`controls`) into its first layer, and the held pitches
   (`HeldTerms`): how many notes of each age sound, into its first layer;
   with `reads_own`, the age of the event's drawn pitch (zero for an onset), into its first layer and its
   output. The pitch head (`per_pitch`) also reads which pitches sound into its first layer, scores an
@@ -304,7 +336,8 @@ class Head(nnx.Module):
 
   def __init__(self, in_features: int, widths: tuple[int, int], out_features: int, *, dropout: float,
                dtype: Any, param_dtype: Any, rngs: nnx.Rngs, condition_classes: tuple[int, ...] = (),
-               reads_held: bool = False, reads_own: bool = False, per_pitch: bool = False, reads_density: bool = False):
+               reads_held: bool = False, reads_own: bool = False, per_pitch: bool = False,
+               controls: tuple[str, ...] = ()):
     sizes = (in_features, *widths)
     self.hidden = nnx.List([
         nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
@@ -320,7 +353,9 @@ class Head(nnx.Module):
     self.own = linear(AGE_POINTS, widths[0], use_bias=False, dtype=dtype) if reads_own else None
     self.own_out = linear(AGE_POINTS, out_features, use_bias=False, **zeros) if reads_own else None
     self.sounding = linear(NUM_PITCHES, widths[0], use_bias=False, dtype=dtype) if per_pitch else None
-    self.density = linear(1, widths[0], use_bias=False, dtype=dtype) if reads_density else None
+    self.controls = controls
+    for name in controls:  # A learned row each, as the sub-events' (named for the control: `density`, ...).
+      setattr(self, name, linear(1, widths[0], use_bias=False, dtype=dtype))
     self.release_age = linear(widths[-1], AGE_POINTS, **zeros) if per_pitch else None
     # The output layer computes in float32 whatever the compute dtype, as the logits of mixed-precision
     # language models: the losses' gradients enter the network there (in bfloat16 they cost accuracy).
@@ -328,11 +363,11 @@ class Head(nnx.Module):
     self.dropout_rate = dropout
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None, conditions: tuple[jax.Array, ...] = (),
-               held: HeldTerms | None = None, own: jax.Array | None = None, density: jax.Array | None = None,
-               first_layer: jax.Array | None = None) -> jax.Array:
+               held: HeldTerms | None = None, own: jax.Array | None = None,
+               controls: Mapping[str, jax.Array] | None = None, first_layer: jax.Array | None = None) -> jax.Array:
     """Applies the head to `x` [..., features], the class ids `conditions` (each shaped [...]) and, where it
     reads them, the held pitches `held`, the drawn pitch's `age_weights` `own` [..., AGE_POINTS] and the
-    `density_control` `density` [...]; given
+    `controls` ({name: [...]}); given
     `first_layer`, the first layer's weights and bias already applied to `x` (`MusicLSTM.first_layers`). All
     leading axes are folded into one first: with a single row axis the weight gradients are plain matmuls,
     where with [batch, time] rows XLA made a transposed copy of every hidden gradient (the heads' backward
@@ -354,8 +389,7 @@ class Head(nnx.Module):
           x = x + table(ids.reshape(-1))
         read = [(self.own, own)] if held is None else [(self.census, held.census), (self.sounding, held.sounding),
                                                         (self.own, own)]
-        if self.density is not None:
-          read.append((self.density, density.reshape(-1, 1)))
+        read += [(getattr(self, name), controls[name].reshape(-1, 1)) for name in self.controls]
         read = [(projection.kernel.value, value) for projection, value in read if projection is not None]
         if read:  # One matmul for all: each would write and re-read the whole pre-activation.
           x = x + dense(jnp.concatenate([value.astype(layer.dtype) for _, value in read], -1),
@@ -383,9 +417,10 @@ class MusicLSTM(nnx.Module):
   the LSTM features through `stop_gradient`, so the trunk learns only from the pitch loss and each head
   from its own. `model.recurrence` (see `resolve_recurrence`) chooses how the LSTM runs; the parameters
   are the same for every choice. Under cuDNN the layers hold the parameters and one cuDNN call runs the stack.
-  `model.condition="density"` adds a control that every position reads, the LSTM as an input and each head in its
-  first layer: `inputs["density"]` [batch, time], a `density_control` (in training, each window's own), so that
-  generation can be told, or drawn, how many notes a second to play and keeps to it.
+  `model.condition` adds controls that every position reads, the LSTM as inputs and each head in its first
+  layer: `inputs["density"]` [batch, time], a `density_control`, and `inputs["polyphony"]`, a
+  `polyphony_control` (in training, each window's own: `window_controls`), so that generation can be told, or
+  drawn, how many notes a second to play and how many to hold at once, and keeps to them.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -393,16 +428,16 @@ class MusicLSTM(nnx.Module):
       raise ValueError(f"model.inputs must be one of {INPUT_MODES}, not {config.inputs!r}")
     if config.heads not in HEAD_MODES:
       raise ValueError(f"model.heads must be one of {HEAD_MODES}, not {config.heads!r}")
-    self.condition = condition_of(config)
-    if self.condition not in CONDITIONS:
-      raise ValueError(f"model.condition must be one of {CONDITIONS}, not {self.condition!r}")
+    if config.get("condition", "none") not in CONDITIONS:
+      raise ValueError(f"model.condition must be one of {CONDITIONS}, not {config.condition!r}")
+    self.controls = controls_of(config)
     dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
     self.inputs = config.inputs
     self.head_mode = config.heads
     # Runs saved before model.recurrence existed have none in their config.json.
     self.recurrence = resolve_recurrence(config.get("recurrence", "auto"), dtype)
     self.embed = nnx.Embed(NUM_PITCHES, config.embed, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    in_features = config.embed + (2 if config.inputs == "pitch+dt+velocity" else 0) + int(self.conditioned)
+    in_features = config.embed + (2 if config.inputs == "pitch+dt+velocity" else 0) + len(self.controls)
     self.lstm = nnx.List([
         LSTMLayer(in_features if i == 0 else config.hidden, config.hidden,
                   recurrence="fused" if self.recurrence == "fused" else "scan", dtype=dtype,
@@ -425,7 +460,7 @@ class MusicLSTM(nnx.Module):
                   dropout=config.dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                   condition_classes=tuple(class_counts[b] for b in before), reads_held=reads_held,
                   reads_own=reads_held and "pitch" in before, per_pitch=reads_held and name == "pitch",
-                  reads_density=self.conditioned)
+                  controls=self.controls)
 
     self.pitch_head = head("pitch")
     self.time_head = head("time")
@@ -452,17 +487,14 @@ class MusicLSTM(nnx.Module):
 
   @property
   def conditioned(self) -> bool:
-    """Whether every position reads the note-density control `inputs["density"]`."""
-    return self.condition == "density"
+    """Whether every position reads controls (`self.controls`) besides the events."""
+    return bool(self.controls)
 
   def extra_inputs(self, inputs: Mapping[str, jax.Array]) -> jax.Array | None:
     """The features [..., k] fed to the first layer beside the pitch embedding of events `inputs` [...]: dt and
-    velocity and the density control, those the model reads (None if neither)."""
-    columns = []
-    if self.inputs == "pitch+dt+velocity":
-      columns.append(continuous_inputs(inputs["dt"], inputs["velocity"]))
-    if self.conditioned:
-      columns.append(inputs["density"][..., None].astype(jnp.float32))
+    velocity and the controls, those the model reads (None if none)."""
+    columns = [continuous_inputs(inputs["dt"], inputs["velocity"])] if self.inputs == "pitch+dt+velocity" else []
+    columns += [inputs[name][..., None].astype(jnp.float32) for name in self.controls]
     if len(columns) > 1:
       return jnp.concatenate(columns, -1)
     return columns[0] if columns else None
@@ -506,11 +538,12 @@ class MusicLSTM(nnx.Module):
 
   def head_logits(self, name: str, features: jax.Array, before: Mapping[str, jax.Array],
                   held: HeldTerms | None = None, *, isolate_heads: bool, rngs: nnx.Rngs | None,
-                  density: jax.Array | None = None, first_layer: jax.Array | None = None) -> jax.Array:
+                  controls: Mapping[str, jax.Array] | None = None, first_layer: jax.Array | None = None
+                  ) -> jax.Array:
     """The output of sub-event `name`'s head from the features [..., hidden], the classes [...] of the
     sub-events before it in `self.order` (`before` may hold more; only those are read) and, for heads
     that read them, the held pitches (`read_held`), once the event's pitch is drawn, that pitch's age
-    (none for an onset), and the density control [...]; `first_layer` as `Head` takes it."""
+    (none for an onset), and the `controls` ({name: [...]}); `first_layer` as `Head` takes it."""
     head = self.head_modules()[name]
     x = jax.lax.stop_gradient(features) if isolate_heads and name != "pitch" else features
     conditions = tuple(before[b] for b in self.order[:self.order.index(name)]) if head.conditions else ()
@@ -518,7 +551,7 @@ class MusicLSTM(nnx.Module):
     if head.own is not None:
       own = held.pitch_age(before["pitch"])
     return head(x, rngs=rngs, conditions=conditions, held=held if head.census is not None else None, own=own,
-                density=density, first_layer=first_layer)
+                controls=controls, first_layer=first_layer)
 
   def first_layers(self, features: jax.Array) -> dict[str, jax.Array]:
     """Each head's first layer (its weights and bias) applied to `features` [..., hidden], all heads in one
@@ -536,12 +569,12 @@ class MusicLSTM(nnx.Module):
     return self.pitch_head.census is not None
 
   def heads(self, features: jax.Array, targets: Mapping[str, jax.Array] | None = None,
-            held: jax.Array | None = None, density: jax.Array | None = None, *, isolate_heads: bool,
+            held: jax.Array | None = None, controls: Mapping[str, jax.Array] | None = None, *, isolate_heads: bool,
             rngs: nnx.Rngs | None) -> dict[str, jax.Array]:
     """The heads' outputs at every position of `features`: `pitch_logits` and, in regression mode, `dt`
     (seconds) and `velocity` (/127), in distribution mode `time_logits` and `velocity_logits`, each head
-    reading the `targets` classes (time-major, like the features) before it, and the `density` control."""
-    side = {"isolate_heads": isolate_heads, "rngs": rngs, "density": density}
+    reading the `targets` classes (time-major, like the features) before it, and the `controls`."""
+    side = {"isolate_heads": isolate_heads, "rngs": rngs, "controls": controls}
     if self.head_mode == "regression":
       return {"pitch_logits": self.head_logits("pitch", features, {}, **side),
               "dt": self.head_logits("time", features, {}, **side)[..., 0],
@@ -561,12 +594,14 @@ class MusicLSTM(nnx.Module):
     `reads_held`, the pitches held after each input (`held_pitches`), from those held before the first
     (`held` [batch, 128], default silence: a window of a piece's middle starts with notes held). Outputs are
     [batch, time, ...], or with `time_major` [time, batch, ...] as the heads compute them: the losses read
-    them so, and no logits are transposed. A conditioned model reads `inputs["density"]`, by default the
-    window's own: the `window_density` of the targets, broadcast to every position."""
-    if self.conditioned and "density" not in inputs:
+    them so, and no logits are transposed. A conditioned model reads its controls from `inputs`, by default the
+    window's own (`window_controls`), broadcast to every position."""
+    missing = tuple(name for name in self.controls if name not in inputs)
+    if missing:
       if targets is None:
-        raise ValueError("a density-conditioned model needs inputs['density'] or the targets to compute it from")
-      inputs = {**inputs, "density": jnp.broadcast_to(window_density(targets)[:, None], inputs["pitch"].shape)}
+        raise ValueError(f"a conditioned model needs inputs[{missing[0]!r}] or the targets to compute it from")
+      inputs = {**inputs, **{name: jnp.broadcast_to(value[:, None], inputs["pitch"].shape)
+                             for name, value in window_controls(missing, inputs, targets, held).items()}}
     if state is None:
       state = self.initial_state(inputs["pitch"].shape[0])
     features, final = self.features(inputs, state)
@@ -583,5 +618,5 @@ class MusicLSTM(nnx.Module):
     if self.reads_held:
       time_major = swap_batch_time((inputs["pitch"], inputs["dt"], inputs["velocity"]))
       held = held_pitches(*time_major, held, time_major=True)
-    density = swap_batch_time(inputs["density"]) if self.conditioned else None
-    return self.heads(features, targets, held, density, isolate_heads=isolate_heads, rngs=rngs)
+    controls = {name: swap_batch_time(inputs[name]) for name in self.controls}
+    return self.heads(features, targets, held, controls, isolate_heads=isolate_heads, rngs=rngs)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,9 @@ from musicgen_jax import distributions, models, store
 from musicgen_jax.errors import UserError
 
 START_EVENT = {"pitch": 60, "dt": 0.0, "velocity": 0.0}  # A release of middle C at dt 0.
-CONTROL_STREAM = 2**31 - 1  # Folded into a sequence's key for its density draw; step numbers stay below it.
+# Folded into a sequence's key for its draw of each control (density, polyphony); step numbers stay below them.
+CONTROL_STREAMS = {"density": 2**31 - 1, "polyphony": 2**31 - 2}
+CONTROL_OPTIONS = {"density": "--notes-per-second", "polyphony": "--polyphony"}  # How `generate` sets each.
 
 Event = dict[str, jax.Array]  # pitch int32, dt float32 seconds, velocity float32 MIDI units; [batch] or [batch, time].
 State = tuple[models.LSTMState, ...]
@@ -216,9 +218,9 @@ def allowed_classes(name: str, drawn: Mapping[str, jax.Array], sounding: jax.Arr
 
 
 def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, settings: Settings,
-               held: jax.Array, density: jax.Array | None = None) -> Event:
+               held: jax.Array, controls: Mapping[str, jax.Array] | None = None) -> Event:
   """The event drawn by distribution heads from one position's features [B, hidden], the pitches held
-  [B, 128] and the density control [B] (a conditioned model's): each sub-event in the model's order from its
+  [B, 128] and the controls ({name: [B]}, a conditioned model's): each sub-event in the model's order from its
   head given those drawn before it (see
   `allowed_classes`), pitch with temperature, top-k and top-p, time and velocity with their own
   temperatures (`draw_dt`)."""
@@ -227,7 +229,7 @@ def draw_event(model: models.MusicLSTM, features: jax.Array, keys: jax.Array, se
   sub_keys = jax.vmap(lambda key: jax.random.split(key, len(model.order) + 1))(keys)
   drawn, first_layers = {}, model.first_layers(features)
   for i, name in enumerate(model.order):
-    logits = model.head_logits(name, features, drawn, held_terms, isolate_heads=False, rngs=None, density=density,
+    logits = model.head_logits(name, features, drawn, held_terms, isolate_heads=False, rngs=None, controls=controls,
                                first_layer=first_layers[name])
     if name == "time":
       tempered = distributions.temper_time(logits, settings.time_temperature, model.time_bins)
@@ -260,22 +262,33 @@ def draw_dt(keys: jax.Array, value_keys: jax.Array, outputs: jax.Array, bins: di
   return jnp.where(zero_draw < jax.nn.sigmoid(zero_logit), 0.0, dt)
 
 
-def sequence_densities(config: ml_collections.ConfigDict, keys: jax.Array,
-                       notes_per_second: float | None = None) -> jax.Array | None:
-  """The `models.density_control` [B] of the sequences of `keys` for a density-conditioned run (None for
-  another): `notes_per_second` for every sequence, or each sequence's own draw from the run's
-  `sample.density_quantiles` (between two quantiles, log-linear), made with its key."""
-  if models.condition_of(config.model) != "density":
+def control_value(name: str, value: Any) -> jax.Array:
+  """Control `name` of a value (any shape) in its units: notes per second, notes sounding at once."""
+  return models.density_control(value, 1.0) if name == "density" else models.polyphony_control(value)
+
+
+def sequence_controls(config: ml_collections.ConfigDict, keys: jax.Array,
+                      given: Mapping[str, float | None] | None = None) -> dict[str, jax.Array] | None:
+  """The controls ({name: [B]}) of the sequences of `keys` for a conditioned run (None for another): each
+  `given` value (in its units, see `control_value`) for every sequence, or else each sequence's own draw from
+  the run's `sample.<control>_quantiles` (between two quantiles, log-linear), made with its key."""
+  names = models.controls_of(config.model)
+  if not names:
     return None
-  if notes_per_second is not None:
-    return jnp.full(keys.shape, models.density_control(notes_per_second, 1.0))
-  quantiles = np.asarray(config.sample.get("density_quantiles") or (), np.float64)
-  if quantiles.size < 2:
-    raise UserError("the run's config.json has no sample.density_quantiles (training sets them): pass "
-                    "--notes-per-second, or add them to its \"sample\" section")
-  points = uniform(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, CONTROL_STREAM))
-  notes = jnp.exp(jnp.interp(points, jnp.linspace(0.0, 1.0, quantiles.size), jnp.log(jnp.asarray(quantiles))))
-  return models.density_control(notes, 1.0)
+  controls = {}
+  for name in names:
+    value = (given or {}).get(name)
+    if value is not None:
+      controls[name] = jnp.full(keys.shape, control_value(name, value))
+      continue
+    quantiles = np.asarray(config.sample.get(f"{name}_quantiles") or (), np.float64)
+    if quantiles.size < 2:
+      raise UserError(f"the run's config.json has no sample.{name}_quantiles (training sets them): pass "
+                      f"{CONTROL_OPTIONS[name]}, or add them to its \"sample\" section")
+    points = uniform(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, CONTROL_STREAMS[name]))
+    controls[name] = control_value(
+        name, jnp.exp(jnp.interp(points, jnp.linspace(0.0, 1.0, quantiles.size), jnp.log(jnp.asarray(quantiles)))))
+  return controls
 
 
 def uniform(keys: jax.Array) -> jax.Array:
@@ -318,37 +331,46 @@ def start(model: models.MusicLSTM) -> tuple[State, Event]:
   return model.initial_state(1), event
 
 
-def prime(model: models.MusicLSTM, primer: Event, density: jax.Array | None = None) -> tuple[State, Event]:
+def prime(model: models.MusicLSTM, primer: Event, controls: Mapping[str, jax.Array] | None = None
+          ) -> tuple[State, Event]:
   """The state after all but the last event of `primer` [B, P] (one model call) and that last event; a
-  conditioned model reads them at the density control `density` [B] (`density_or_reference`)."""
+  conditioned model reads them at its `controls` ({name: [B]}, `controls_or_reference`)."""
   inputs = jax.tree.map(lambda x: x[:, :-1], primer)
-  if model.conditioned:
-    inputs["density"] = jnp.broadcast_to(density_or_reference(density)[..., None], inputs["pitch"].shape)
+  inputs.update({name: jnp.broadcast_to(value[..., None], inputs["pitch"].shape)
+                 for name, value in controls_or_reference(model, controls).items()})
   _, state = model.features(inputs, model.initial_state(primer["pitch"].shape[0]))
   return state, jax.tree.map(lambda x: x[:, -1], primer)
 
 
-def density_or_reference(density: jax.Array | None) -> jax.Array:
-  """`density` as float32, or where None the control of `models.DENSITY_REFERENCE` notes per second (0): what a
-  density-conditioned model plays at unless told (`generate` always tells it)."""
-  return jnp.zeros((), jnp.float32) if density is None else jnp.asarray(density, jnp.float32)
+def primer_controls(names: tuple[str, ...], primer: Event) -> dict[str, jax.Array]:
+  """The controls `names` ({name: [B]}) of primers [B, P] that start in silence, measured as a training window's
+  (`models.window_controls`)."""
+  return models.window_controls(names, jax.tree.map(lambda x: x[:, :-1], primer),
+                                jax.tree.map(lambda x: x[:, 1:], primer))
+
+
+def controls_or_reference(model: models.MusicLSTM, controls: Mapping[str, jax.Array] | None) -> dict[str, jax.Array]:
+  """The controls `model` reads, as float32: each of `controls`, or where absent 0, the control of its reference
+  (`models.DENSITY_REFERENCE` notes per second, `models.POLYPHONY_REFERENCE` notes at once): what a conditioned
+  model plays at unless told (`generate` always tells it)."""
+  controls = controls or {}
+  return {name: jnp.asarray(controls.get(name, 0.0), jnp.float32) for name in model.controls}
 
 
 def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array, settings: Settings,
            length: int, held: jax.Array | None = None, first_step: jax.Array | int = 0,
-           density: jax.Array | None = None) -> tuple[Event, tuple[State, Event, jax.Array]]:
+           controls: Mapping[str, jax.Array] | None = None) -> tuple[Event, tuple[State, Event, jax.Array]]:
   """`length` events [B, length] for each key of `keys` [B], continuing `event` from `state` (batch 1 or B)
   with the pitches `held` [1 or B, 128] (default: silence; see `models.held_pitches`), and the carry
   (state, last event, held pitches) to continue from. Steps are numbered from `first_step`: a continuation from
-  the carry with `first_step=length` draws what one call of twice the length would. A density-conditioned
-  model plays at the `models.density_control` `density` [1 or B] of each sequence throughout
-  (`density_or_reference`).
+  the carry with `first_step=length` draws what one call of twice the length would. A conditioned model
+  plays at the `controls` ({name: [1 or B]}) of each sequence throughout (`controls_or_reference`).
   """
   batch = keys.shape[0]
   if held is None:
     held = jnp.full((1, models.NUM_PITCHES), models.SILENT)
   state, event, held = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), (state, event, held))
-  control = {"density": jnp.broadcast_to(density_or_reference(density), (batch,))} if model.conditioned else {}
+  control = {name: jnp.broadcast_to(value, (batch,)) for name, value in controls_or_reference(model, controls).items()}
 
   Carry = tuple[State, tuple[jax.Array, ...], Event, jax.Array]
 
@@ -360,7 +382,7 @@ def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array,
       event = next_event(jax.tree.map(lambda x: x[:, 0], outputs), step_keys(keys, t), settings, held >= 0)
     else:
       features, state = model.step(event, state, recurrent)
-      event = draw_event(model, features, step_keys(keys, t), settings, held, control.get("density"))
+      event = draw_event(model, features, step_keys(keys, t), settings, held, control)
       recurrent = model.recurrent_terms(state)
     return (state, recurrent, event, update_held(held, event)), event
 
@@ -372,18 +394,19 @@ def sample(model: models.MusicLSTM, state: State, event: Event, keys: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def prime_compiled(graphdef: nnx.GraphDef, params: nnx.State, primer: Event | None,
-                   density: jax.Array | None = None) -> tuple[State, Event]:
+                   controls: Mapping[str, jax.Array] | None = None) -> tuple[State, Event]:
   """`prime` (or `start` when `primer` is None) of the model `graphdef` with `params`."""
   model = nnx.merge(graphdef, params)
-  return start(model) if primer is None else prime(model, primer, density)
+  return start(model) if primer is None else prime(model, primer, controls)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "length"))
 def sample_compiled(graphdef: nnx.GraphDef, params: nnx.State, state: State, event: Event, keys: jax.Array,
                     settings: Settings, length: int, held: jax.Array | None = None, first_step: jax.Array | int = 0,
-                    density: jax.Array | None = None) -> tuple[Event, tuple[State, Event, jax.Array]]:
+                    controls: Mapping[str, jax.Array] | None = None
+                    ) -> tuple[Event, tuple[State, Event, jax.Array]]:
   """`sample` of the model `graphdef` with `params`: compiled once per (batch, length, model)."""
-  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, held, first_step, density)
+  return sample(nnx.merge(graphdef, params), state, event, keys, settings, length, held, first_step, controls)
 
 
 def device_placement(batch: int) -> tuple[NamedSharding, NamedSharding]:

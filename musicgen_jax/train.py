@@ -28,7 +28,7 @@ from musicgen_jax.steps import Trainer, TrainState
 # train.steps of a run trained until stopped (the menu's empty answer): below the int32 step counter's
 # limit, and a multiple of every usual cadence so that steps per execution are not reduced.
 UNTIL_STOPPED = 2_000_000_000
-DENSITY_QUANTILES = 21  # Quantiles of the training pieces' notes per second kept for generation (every 5%).
+CONTROL_QUANTILES = 21  # Quantiles of the training pieces' controls (notes per second, ...) kept for generation.
 
 
 class SampleHook(Protocol):
@@ -164,19 +164,49 @@ def with_release_threshold(config: ml_collections.ConfigDict) -> ml_collections.
   return apply_overrides(config, [f"sample.release_threshold={threshold:.3f}"])
 
 
-def with_density_quantiles(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config` with `sample.density_quantiles` set, if unset and the model reads the density control, to the
-  notes per second of the training pieces at DENSITY_QUANTILES evenly spaced quantiles: generation draws each
-  file's density from them, so that a set of files is as varied in tempo as the pieces are."""
-  if models.condition_of(config.model) != "density" or config.sample.get("density_quantiles"):
+def sounding_counts(pitch: np.ndarray, velocity: np.ndarray, piece: np.ndarray) -> np.ndarray:
+  """The notes sounding after each event of event streams laid end to end (`piece`: each event's stream, in
+  order), each starting in silence: a pitch sounds from an onset to its next release (as `models.held_pitches`)."""
+  onset = velocity > 0
+  order = np.lexsort((np.arange(len(pitch)), pitch, piece))  # Each stream's pitches, each pitch's events in order.
+  same_pitch = (pitch[order][1:] == pitch[order][:-1]) & (piece[order][1:] == piece[order][:-1])
+  sounded_before = np.zeros(len(pitch), bool)
+  sounded_before[order[1:]] = same_pitch & onset[order][:-1]
+  change = np.cumsum(onset.astype(np.int64) - sounded_before)
+  starts = np.flatnonzero(np.r_[True, piece[1:] != piece[:-1]])
+  return change - np.repeat(np.r_[0, change[starts[1:] - 1]], np.diff(np.r_[starts, len(pitch)]))
+
+
+def piece_controls(split: store.EventStore) -> dict[str, np.ndarray]:
+  """Each control measured over each whole piece of `split` with music in it, as `models.window_controls` measures
+  a window, in its units: notes per second (`density`), notes sounding at once (`polyphony`)."""
+  events, starts = split.events, split.offsets[:-1]
+  piece = np.repeat(np.arange(len(starts)), np.diff(split.offsets))
+  dt = np.asarray(events.dt, np.float64)
+  counts = sounding_counts(np.asarray(events.pitch), np.asarray(events.velocity), piece)
+  # The notes sounding after an event, for the next event's dt of the same piece.
+  gap_dt = np.where(piece[1:] == piece[:-1], dt[1:], 0.0)
+  gap_counts = counts[:-1]
+  sum_by_piece = lambda values: np.bincount(piece[:-1], values, minlength=len(starts))
+  seconds = np.add.reduceat(dt, starts)
+  sounding_seconds = sum_by_piece(np.where(gap_counts > 0, gap_dt, 0.0))
+  keep = (seconds > 0) & (sounding_seconds > 0)
+  notes = np.add.reduceat((np.asarray(events.velocity) > 0).astype(np.float64), starts)
+  return {"density": notes[keep] / seconds[keep],
+          "polyphony": sum_by_piece(gap_counts * gap_dt)[keep] / sounding_seconds[keep]}
+
+
+def with_control_quantiles(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with `sample.<control>_quantiles` set, for each control the model reads and that is unset, to the
+  training pieces' values (`piece_controls`) at CONTROL_QUANTILES evenly spaced quantiles: generation draws each
+  file's controls from them, so that a set of files is as varied in tempo and texture as the pieces are."""
+  names = [name for name in models.controls_of(config.model) if not config.sample.get(f"{name}_quantiles")]
+  if not names:
     return config
-  split = store.open_split(config.data.dir, "train")
-  starts = split.offsets[:-1]
-  notes = np.add.reduceat((np.asarray(split.events.velocity) > 0).astype(np.float64), starts)
-  seconds = np.add.reduceat(np.asarray(split.events.dt, np.float64), starts)
-  per_second = notes[seconds > 0] / seconds[seconds > 0]
-  quantiles = np.quantile(per_second, np.linspace(0.0, 1.0, DENSITY_QUANTILES))
-  return apply_overrides(config, [f"sample.density_quantiles=({', '.join(f'{q:.4g}' for q in quantiles)},)"])
+  values = piece_controls(store.open_split(config.data.dir, "train"))
+  quantiles = {name: np.quantile(values[name], np.linspace(0.0, 1.0, CONTROL_QUANTILES)) for name in names}
+  return apply_overrides(config, [f"sample.{name}_quantiles=({', '.join(f'{q:.4g}' for q in points)},)"
+                                  for name, points in quantiles.items()])
 
 
 def progress_bar(total: int, step: int, enabled: bool) -> Any:
@@ -219,7 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   if not store.has_split(data_dir, "train"):
     raise UserError(f"no prepared training data at {data_dir or '(data.dir unset)'}: "
                     "run `musicgen prepare SOURCE --out DIR` and pass --data DIR")
-  config = with_density_quantiles(with_release_threshold(config))
+  config = with_control_quantiles(with_release_threshold(config))
   trainer = Trainer(config)  # Checks the devices against the config.
   workdir.mkdir(parents=True, exist_ok=True)
   with contextlib.ExitStack() as resources:

@@ -94,11 +94,11 @@ def teacher_forced(model: models.MusicLSTM, events: Events, first: int = 0) -> d
 def continuation(model: models.MusicLSTM, primer: Events, keys: jax.Array, settings: sampling.Settings,
                  length: int) -> Events:
   """`length` events [B, length] drawn after each row of `primer` [B, P], as `generate --primer` draws them (a
-  density-conditioned model at each primer's own density)."""
-  density = models.window_density(primer) if model.conditioned else None
-  state, event = sampling.prime(model, primer, density)
+  conditioned model at each primer's own controls)."""
+  controls = sampling.primer_controls(model.controls, primer)
+  state, event = sampling.prime(model, primer, controls)
   return sampling.sample(model, state, event, keys, settings, length, sampling.held_after(primer),
-                         density=density)[0]
+                         controls=controls)[0]
 
 
 def segments(total: int, size: int) -> list[tuple[int, int]]:
@@ -230,7 +230,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
   state, event = sampling.start(model)
   keys = sampling.sequence_keys(args.seed, 0, args.pieces)
   own, _ = sampling.sample_compiled(run.graphdef, run.params, state, event, keys, settings, args.length,
-                                    density=sampling.sequence_densities(run.config, keys))
+                                    controls=sampling.sequence_controls(run.config, keys))
   streams = {"real": {k: v[:, :args.length] for k, v in pieces.items()}, "own samples": jax.tree.map(np.asarray, own)}
   depths = {name: calibration(model, events, args.segment) for name, events in streams.items()}
   return {"workdir": str(args.workdir), "step": run.step, "split": args.split, "pieces": args.pieces,

@@ -99,6 +99,7 @@ def trained_run(midi_folder, tmp_path_factory) -> Path:
     (["--primer", "{tmp}/garbage.mid"], "garbage.mid"),
     (["--checkpoint", "999"], "999"),
     (["--notes-per-second", "4"], "model.condition=none"),
+    (["--polyphony", "4"], "does not read the polyphony control"),
 ])
 def test_generation_mistakes_are_one_line_and_exit_2(capsys, tmp_path, trained_run, argv, message):
   (tmp_path / "garbage.mid").write_bytes(b"this is not a MIDI file")

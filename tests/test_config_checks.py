@@ -45,8 +45,10 @@ def without_key(config: ml_collections.ConfigDict, key: str) -> ml_collections.C
     ("model.order", ("time", "pitch", "velocity"), ("pitch", "time"),
      "a tuple naming each of 'pitch', 'velocity', 'time' once"),
     ("model.dt_max", 0.5, 0.01, "a number in (model.dt_bin (0.01), 60.0]"),
-    ("model.condition", "density", "tempo", "one of 'none', 'density'"),
+    ("model.condition", "density+polyphony", "polyphony+density",
+     "one of 'none', 'density', 'polyphony', 'density+polyphony'"),
     ("sample.density_quantiles", (2.0, 2.0, 9.5), (3.0, 2.0), "an ascending tuple of numbers above 0"),
+    ("sample.polyphony_quantiles", (1.0, 4.5), (0.0, 2.0), "an ascending tuple of numbers above 0"),
 ])
 def test_rules_of_the_newer_keys_and_configs_saved_before_them(key, good, bad, allowed):
   config = load_config("tiny")

@@ -401,27 +401,51 @@ def test_window_density_is_onsets_per_second_against_the_reference():
   np.testing.assert_allclose(models.window_density(window), np.log([2 / 1.5 / 8.0, 0.25 / 8.0]), rtol=1e-6)
 
 
-def test_a_conditioned_model_reads_the_window_s_density_unless_given_another_in_every_head():
-  model = tiny_model("model.condition=density")
+def test_window_polyphony_is_the_notes_sounding_averaged_over_the_time_some_sound():
+  # Onsets of 60 and 64, their releases, a silent gap of 3 s, an onset of 67: 1, 2, 1 and 0 notes sound in the
+  # gaps of 1, 1, 2 and 3 s, so 5 note-seconds over 4 s with a note sounding. The second row starts with 50
+  # already held (`held`), one more note in every gap: 12 note-seconds over all 7 s.
+  stream = {"pitch": jnp.asarray([[60, 64, 60, 64, 67]] * 2), "dt": jnp.asarray([[0.0, 1.0, 1.0, 2.0, 3.0]] * 2),
+            "velocity": jnp.asarray([[70.0, 80.0, 0.0, 0.0, 90.0]] * 2)}
+  held = jnp.full((2, 128), models.SILENT).at[1, 50].set(0.5)
+  inputs, targets = ({k: v[:, :-1] for k, v in stream.items()}, {k: v[:, 1:] for k, v in stream.items()})
+  np.testing.assert_allclose(models.window_polyphony(inputs, targets, held),
+                             np.log([5 / 4 / models.POLYPHONY_REFERENCE, 12 / 7 / models.POLYPHONY_REFERENCE]),
+                             rtol=1e-6)
+  silent = {"pitch": jnp.asarray([[60, 60]]), "dt": jnp.asarray([[1.0, 1.0]]), "velocity": jnp.asarray([[0.0, 0.0]])}
+  np.testing.assert_allclose(models.window_polyphony(silent, silent),
+                             np.log(models.POLYPHONY_RANGE[0] / models.POLYPHONY_REFERENCE), rtol=1e-6)
+
+
+@pytest.mark.parametrize("condition", models.CONDITIONS[1:])
+def test_a_conditioned_model_reads_the_window_s_controls_unless_given_others_in_every_head(condition):
+  model = tiny_model(f"model.condition={condition}")
   plain = tiny_model()
-  assert model.conditioned and not plain.conditioned
-  assert model.lstm[0].input_proj.kernel.shape[0] == plain.lstm[0].input_proj.kernel.shape[0] + 1
+  names = condition.split("+")
+  assert model.conditioned and not plain.conditioned and model.controls == tuple(names)
+  assert model.lstm[0].input_proj.kernel.shape[0] == plain.lstm[0].input_proj.kernel.shape[0] + len(names)
   x = random_inputs(3, 12)
-  own, _ = run(model, x, None, TARGETS)
-  window = jnp.broadcast_to(models.window_density(TARGETS)[:, None], (3, 12))
-  given, _ = run(model, dict(x, density=window), None, TARGETS)
-  other, _ = run(model, dict(x, density=window + 0.5), None, TARGETS)
+  held = jnp.full((3, 128), models.SILENT).at[:, 40].set(1.0)
+  own, _ = run(model, x, None, TARGETS, held=held)
+  window = {name: jnp.broadcast_to(value[:, None], (3, 12))
+            for name, value in models.window_controls(model.controls, x, TARGETS, held).items()}
+  given, _ = run(model, dict(x, **window), None, TARGETS, held=held)
   for key in own:
     np.testing.assert_array_equal(own[key], given[key])
-    assert not np.allclose(own[key], other[key]), key
-  # Each head reads the control itself, not only through the LSTM's features (which strict isolation keeps
+  for name in names:
+    other, _ = run(model, dict(x, **{**window, name: window[name] + 0.5}), None, TARGETS, held=held)
+    for key in own:
+      assert not np.allclose(own[key], other[key]), (name, key)
+  # Each head reads each control itself, not only through the LSTM's features (which strict isolation keeps
   # from the time and velocity heads' losses).
-  features, held = jnp.zeros((3, 64)), models.read_held(jnp.full((3, 128), models.SILENT))
+  features, held_terms = jnp.zeros((3, 64)), models.read_held(jnp.full((3, 128), models.SILENT))
   before = {"pitch": jnp.asarray([60, 61, 62]), "velocity": jnp.asarray([0, 80, 100]), "time": jnp.asarray([0, 5, 9])}
-  for name in model.order:
-    at = lambda density: model.head_logits(name, features, before, held, isolate_heads=False, rngs=None,
-                                           density=jnp.full((3,), density))
-    assert not np.allclose(at(0.0), at(1.0)), name
+  for head in model.order:
+    for name in names:
+      at = lambda value: model.head_logits(head, features, before, held_terms, isolate_heads=False, rngs=None,
+                                           controls={other: jnp.full((3,), value if other == name else 0.0)
+                                                     for other in names})
+      assert not np.allclose(at(0.0), at(1.0)), (head, name)
 
 
 def test_a_conditioned_model_needs_a_density_or_the_targets():

@@ -413,6 +413,8 @@ def test_primer_opens_the_file_only_when_kept(run_dir, primer_file, tmp_path):
     ({"checkpoint": 99}, "no checkpoint at step 99"),
     ({"notes_per_second": 0.0}, "notes-per-second"),
     ({"notes_per_second": 5.0}, "model.condition=none"),
+    ({"polyphony": -1.0}, "--polyphony"),
+    ({"polyphony": 3.0}, "polyphony control"),
 ])
 def test_user_mistakes_raise_user_error(run_dir, tmp_path, kwargs, message):
   with pytest.raises(UserError, match=message):
@@ -611,33 +613,44 @@ def test_the_sampler_reads_what_the_training_model_reads(order):
     np.testing.assert_allclose(chosen, likeliest, atol=1e-3, err_msg=name)
 
 
-def test_each_file_s_density_is_drawn_from_the_quantiles_with_its_own_key():
-  config = apply_overrides(tiny_config("distribution"), ["model.condition=density",
-                                                         "sample.density_quantiles=(2.0, 8.0, 32.0)"])
+def test_each_file_s_controls_are_drawn_from_the_quantiles_with_its_own_key():
+  config = apply_overrides(tiny_config("distribution"), ["model.condition=density+polyphony",
+                                                         "sample.density_quantiles=(2.0, 8.0, 32.0)",
+                                                         "sample.polyphony_quantiles=(1.0, 4.0, 16.0)"])
   keys = sampling.sequence_keys(3, 0, 4000)
-  drawn = np.exp(np.asarray(sampling.sequence_densities(config, keys))) * models.DENSITY_REFERENCE
-  assert 2.0 <= drawn.min() and drawn.max() <= 32.0
-  # Log-linear between the quantiles: a quarter below 4 notes a second, half below 8, three quarters below 16.
-  for bound, share in ((4.0, 0.25), (8.0, 0.5), (16.0, 0.75)):
-    assert abs(np.mean(drawn < bound) - share) < 0.03, bound
-  # A sequence draws the same density whatever the batch it is drawn in.
-  later = sampling.sequence_densities(config, sampling.sequence_keys(3, 100, 5))
-  np.testing.assert_allclose(np.exp(np.asarray(later)) * models.DENSITY_REFERENCE, drawn[100:105], rtol=1e-5)
-  told = sampling.sequence_densities(config, keys[:3], 5.0)
-  np.testing.assert_allclose(told, np.log(5.0 / models.DENSITY_REFERENCE), rtol=1e-6)
-  assert sampling.sequence_densities(tiny_config("distribution"), keys) is None
-  with pytest.raises(UserError, match="density_quantiles"):
-    sampling.sequence_densities(apply_overrides(config, ["sample.density_quantiles=()"]), keys)
+  in_units = lambda controls: {name: np.exp(np.asarray(value)) * reference for (name, value), reference in zip(
+      controls.items(), (models.DENSITY_REFERENCE, models.POLYPHONY_REFERENCE))}
+  drawn = in_units(sampling.sequence_controls(config, keys))
+  for name, low in (("density", 2.0), ("polyphony", 1.0)):
+    assert low * (1 - 1e-5) <= drawn[name].min() and drawn[name].max() <= 16 * low * (1 + 1e-5)
+    # Log-linear between the quantiles: a quarter below twice the lowest, half below 4 times, three quarters below 8.
+    for factor, share in ((2.0, 0.25), (4.0, 0.5), (8.0, 0.75)):
+      assert abs(np.mean(drawn[name] < factor * low) - share) < 0.03, (name, factor)
+  # Each control from its own stream of the key: the two draws are unrelated.
+  assert abs(np.corrcoef(np.log(drawn["density"]), np.log(drawn["polyphony"]))[0, 1]) < 0.05
+  # A sequence draws the same controls whatever the batch it is drawn in.
+  later = in_units(sampling.sequence_controls(config, sampling.sequence_keys(3, 100, 5)))
+  for name in drawn:
+    np.testing.assert_allclose(later[name], drawn[name][100:105], rtol=1e-5)
+  told = sampling.sequence_controls(config, keys[:3], {"density": 5.0, "polyphony": None})
+  np.testing.assert_allclose(told["density"], np.log(5.0 / models.DENSITY_REFERENCE), rtol=1e-6)
+  np.testing.assert_allclose(in_units(told)["polyphony"], drawn["polyphony"][:3], rtol=1e-5)
+  assert sampling.sequence_controls(tiny_config("distribution"), keys) is None
+  with pytest.raises(UserError, match="polyphony_quantiles.*--polyphony"):
+    sampling.sequence_controls(apply_overrides(config, ["sample.polyphony_quantiles=()"]), keys)
 
 
 @pytest.mark.parametrize("heads", models.HEAD_MODES)
-def test_each_sequence_plays_at_its_own_density(heads):
-  graphdef, state = steps.create_train_state(apply_overrides(tiny_config(heads), ["model.condition=density"]))
+def test_each_sequence_plays_at_its_own_controls(heads):
+  graphdef, state = steps.create_train_state(apply_overrides(tiny_config(heads),
+                                                             ["model.condition=density+polyphony"]))
   start_state, event = sampling.start(nnx.merge(graphdef, state.params))
   keys = sampling.sequence_keys(0, 0, 2)
-  draw = lambda density: sampling.sample_compiled(graphdef, state.params, start_state, event, keys, settings(), 24,
-                                                  density=jnp.asarray(density))[0]
-  same, apart = draw([0.0, 0.0]), draw([0.0, 2.0])
-  for field in store.FIELDS:
-    np.testing.assert_array_equal(same[field][0], apart[field][0])
-  assert any(not np.array_equal(same[field][1], apart[field][1]) for field in store.FIELDS)
+  draw = lambda controls: sampling.sample_compiled(graphdef, state.params, start_state, event, keys, settings(), 24,
+                                                   controls={k: jnp.asarray(v) for k, v in controls.items()})[0]
+  same = draw({"density": [0.0, 0.0], "polyphony": [0.0, 0.0]})
+  for name in ("density", "polyphony"):
+    apart = draw({"density": [0.0, 0.0], "polyphony": [0.0, 0.0], name: [0.0, 2.0]})
+    for field in store.FIELDS:
+      np.testing.assert_array_equal(same[field][0], apart[field][0])
+    assert any(not np.array_equal(same[field][1], apart[field][1]) for field in store.FIELDS), name

@@ -32,9 +32,37 @@ def tempo_corpus(seed: int, pieces: int = 8) -> list[store.Events]:
           for i, p in enumerate(scale_corpus(seed, pieces))]
 
 
+def texture_corpus(seed: int, pieces: int = 8, notes: int = 200) -> list[store.Events]:
+  """`scale_corpus`'s notes and timing, every other piece with each note held over the next three onsets: the
+  same 2.67 notes a second, at 1 and at about 3.6 notes sounding at once."""
+  rng = np.random.default_rng(seed)
+  result = []
+  for i in range(pieces):
+    pitches = rng.integers(40, 60) + np.arange(notes) % 24
+    onset_times = 0.375 * np.arange(notes)
+    times = np.concatenate([onset_times, onset_times + 0.25 + (1.125 if i % 2 else 0.0)])
+    order = np.lexsort((np.r_[np.ones(notes), np.zeros(notes)], times))  # Releases first at the same time.
+    result.append(store.Events(np.r_[pitches, pitches][order].astype(np.uint8),
+                               np.diff(times[order], prepend=0.0).astype(np.float32),
+                               np.r_[np.full(notes, 80), np.zeros(notes)][order].astype(np.uint8)))
+  return result
+
+
 def notes_per_second(path) -> float:
   stream = events.midi_to_events(path, sustain=False)
   return float(np.sum(stream.velocity > 0) / np.sum(stream.dt, dtype=np.float64))
+
+
+def notes_at_once(path) -> float:
+  """The mean notes sounding of a file, as the polyphony control measures it."""
+  stream = {k: np.asarray(v)[None] for k, v in vars(events.midi_to_events(path, sustain=False)).items()}
+  return float(np.exp(window_polyphony(stream)[0]) * models.POLYPHONY_REFERENCE)
+
+
+def window_polyphony(stream: dict) -> np.ndarray:
+  """`models.window_polyphony` of whole streams [B, T]: what the first event starts and the others end."""
+  return np.asarray(jax.jit(models.window_polyphony)({k: v[:, :-1] for k, v in stream.items()},
+                                                     {k: v[:, 1:] for k, v in stream.items()}))
 
 
 @pytest.fixture(scope="module")
@@ -334,7 +362,7 @@ def test_a_density_conditioned_run_plays_at_the_density_it_is_told_drawn_or_prim
                                 "train.sample_length=32"), run, progress=False, samples=plots.log_samples)
   assert len(list((run / "samples" / "step_200").glob("*.mid"))) == 2
   quantiles = read_config(run).sample.density_quantiles
-  assert len(quantiles) == train.DENSITY_QUANTILES
+  assert len(quantiles) == train.CONTROL_QUANTILES
   assert (quantiles[0], quantiles[-1]) == (pytest.approx(2 / 3, rel=1e-3), pytest.approx(8 / 3, rel=1e-3))
 
   def rates(name, **options):
@@ -349,3 +377,46 @@ def test_a_density_conditioned_run_plays_at_the_density_it_is_told_drawn_or_prim
   events.write_midi(tempo_corpus(2, pieces=2)[1], primer)
   primed = rates("primed", primer=primer, primer_events=64)
   assert np.median(primed) < 0.5 * np.median(fast), (primed, fast)
+
+
+def test_a_polyphony_conditioned_run_holds_the_notes_it_is_told_drawn_or_primed(tmp_path):
+  """Trained on pieces at 1 and at about 3.6 notes sounding at once, a run reading the polyphony control holds
+  as many as it is given; without a value, each file as many as drawn from the training pieces', or its
+  primer's."""
+  store.write_corpus(tmp_path / "data", {"train": texture_corpus(0), "validation": texture_corpus(1, pieces=2)})
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny(tmp_path / "data", "train.steps=200", "model.condition=polyphony"), run,
+                           progress=False)
+  quantiles = read_config(run).sample.polyphony_quantiles
+  assert len(quantiles) == train.CONTROL_QUANTILES and not read_config(run).sample.density_quantiles
+  assert quantiles[0] == pytest.approx(1.0, rel=1e-3) and 3.4 < quantiles[-1] < 3.7
+
+  def held(name, **options):
+    files = generate.generate(run, tmp_path / name, num=8, length=128, batch_size=8, progress=False, **options)
+    return np.array([notes_at_once(path) for path in files])
+
+  thin, thick = held("thin", polyphony=1.0), held("thick", polyphony=3.6)
+  assert np.median(thick) > 2.0 * np.median(thin), (thin, thick)
+  drawn = held("drawn")
+  assert np.min(drawn) < 0.6 * np.max(drawn), drawn
+  primer = tmp_path / "thin.mid"
+  events.write_midi(texture_corpus(2, pieces=1)[0], primer)
+  primed = held("primed", primer=primer, primer_events=64)
+  assert np.median(primed) < 0.6 * np.median(thick), (primed, thick)
+
+
+def test_piece_controls_measure_a_piece_as_the_model_measures_a_window(tmp_path):
+  """The training pieces' polyphony, from which generation draws, is the control's measure of the whole piece:
+  on random streams with double onsets and releases of silent pitches, as `models.window_polyphony` gives."""
+  rng = np.random.default_rng(0)
+  pieces = [store.Events(rng.integers(60, 66, n).astype(np.uint8), rng.exponential(0.2, n).astype(np.float32),
+                         np.where(rng.random(n) < 0.5, 0, 70).astype(np.uint8)) for n in (50, 120, 80)]
+  store.write_corpus(tmp_path, {"train": pieces})
+  measured = train.piece_controls(store.open_split(tmp_path, "train"))
+  for piece, polyphony, density in zip(pieces, measured["polyphony"], measured["density"]):
+    stream = {k: jax.numpy.asarray(getattr(piece, k))[None] for k in store.FIELDS}
+    held = jax.jit(models.held_pitches)(stream["pitch"], stream["dt"], stream["velocity"].astype(np.float32))
+    np.testing.assert_array_equal(train.sounding_counts(piece.pitch, piece.velocity, np.zeros(len(piece), int)),
+                                  np.sum(np.asarray(held[0]) >= 0, axis=-1))
+    assert polyphony == pytest.approx(float(np.exp(window_polyphony(stream)[0]) * models.POLYPHONY_REFERENCE), rel=1e-5)
+    assert density == pytest.approx(np.sum(piece.velocity > 0) / np.sum(piece.dt, dtype=np.float64), rel=1e-6)
