@@ -33,14 +33,14 @@ def tempo_corpus(seed: int, pieces: int = 8) -> list[store.Events]:
 
 
 def texture_corpus(seed: int, pieces: int = 8, notes: int = 200) -> list[store.Events]:
-  """`scale_corpus`'s notes and timing, every other piece with each note held over the next three onsets: the
-  same 2.67 notes a second, at 1 and at about 3.6 notes sounding at once."""
+  """`scale_corpus`'s notes and timing, the even pieces with each note held over the next three onsets: all at
+  2.67 notes a second, the even ones at about 3.6 notes sounding at once, the odd ones at 1."""
   rng = np.random.default_rng(seed)
   result = []
   for i in range(pieces):
     pitches = rng.integers(40, 60) + np.arange(notes) % 24
     onset_times = 0.375 * np.arange(notes)
-    times = np.concatenate([onset_times, onset_times + 0.25 + (1.125 if i % 2 else 0.0)])
+    times = np.concatenate([onset_times, onset_times + 0.25 + (0.0 if i % 2 else 1.125)])
     order = np.lexsort((np.r_[np.ones(notes), np.zeros(notes)], times))  # Releases first at the same time.
     result.append(store.Events(np.r_[pitches, pitches][order].astype(np.uint8),
                                np.diff(times[order], prepend=0.0).astype(np.float32),
@@ -63,6 +63,11 @@ def window_polyphony(stream: dict) -> np.ndarray:
   """`models.window_polyphony` of whole streams [B, T]: what the first event starts and the others end."""
   return np.asarray(jax.jit(models.window_polyphony)({k: v[:, :-1] for k, v in stream.items()},
                                                      {k: v[:, 1:] for k, v in stream.items()}))
+
+
+# A control: (a corpus at two values of it, the low and the high value, generate's option, a file's value).
+CONTROL_RUNS = {"density": (tempo_corpus, 2 / 3, 8 / 3, "notes_per_second", notes_per_second),
+                "polyphony": (texture_corpus, 1.0, 3.62, "polyphony", notes_at_once)}
 
 
 @pytest.fixture(scope="module")
@@ -351,58 +356,34 @@ def test_a_start_refused_by_the_devices_creates_no_run_folder(corpus, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_a_density_conditioned_run_plays_at_the_density_it_is_told_drawn_or_primed(tmp_path):
-  """Trained on pieces at 2.67 and at 0.67 notes a second, a run reading the density control plays files at
-  the density it is given; without one, each file at a density drawn from the training pieces' (saved as
-  quantiles when training starts), or at its primer's."""
-  store.write_corpus(tmp_path / "data", {"train": tempo_corpus(0), "validation": tempo_corpus(1, pieces=2)})
+@pytest.mark.parametrize("control", ["density", "polyphony"])
+def test_a_conditioned_run_plays_at_the_control_it_is_told_drawn_or_primed(tmp_path, control):
+  """Trained on pieces at two values of a control (2.67 and 0.67 notes a second; 1 and about 3.6 notes sounding
+  at once), a run reading it plays files at the value it is given; without one, each file at a value drawn from
+  the training pieces' (saved as quantiles when training starts), or at its primer's."""
+  corpus, low, high, option, measure = CONTROL_RUNS[control]
+  store.write_corpus(tmp_path / "data", {"train": corpus(0), "validation": corpus(1, pieces=2)})
   run = tmp_path / "run"
-  train.train_and_evaluate(tiny(tmp_path / "data", "train.steps=200", "model.condition=density",
+  train.train_and_evaluate(tiny(tmp_path / "data", "train.steps=200", f"model.condition={control}",
                                 "data.time_stretch=0.0", "train.sample_every=200", "train.sample_count=2",
                                 "train.sample_length=32"), run, progress=False, samples=plots.log_samples)
   assert len(list((run / "samples" / "step_200").glob("*.mid"))) == 2
-  quantiles = read_config(run).sample.density_quantiles
+  quantiles = read_config(run).sample[f"{control}_quantiles"]
   assert len(quantiles) == train.CONTROL_QUANTILES
-  assert (quantiles[0], quantiles[-1]) == (pytest.approx(2 / 3, rel=1e-3), pytest.approx(8 / 3, rel=1e-3))
+  assert (quantiles[0], quantiles[-1]) == (pytest.approx(low, rel=0.02), pytest.approx(high, rel=0.02))
 
-  def rates(name, **options):
-    files = generate.generate(run, tmp_path / name, num=8, length=96, batch_size=8, progress=False, **options)
-    return np.array([notes_per_second(path) for path in files])
-
-  slow, fast = rates("slow", notes_per_second=2 / 3), rates("fast", notes_per_second=8 / 3)
-  assert np.median(fast) > 2.5 * np.median(slow), (slow, fast)
-  drawn = rates("drawn")
-  assert np.min(drawn) < 0.5 * np.max(drawn), drawn
-  primer = tmp_path / "slow.mid"
-  events.write_midi(tempo_corpus(2, pieces=2)[1], primer)
-  primed = rates("primed", primer=primer, primer_events=64)
-  assert np.median(primed) < 0.5 * np.median(fast), (primed, fast)
-
-
-def test_a_polyphony_conditioned_run_holds_the_notes_it_is_told_drawn_or_primed(tmp_path):
-  """Trained on pieces at 1 and at about 3.6 notes sounding at once, a run reading the polyphony control holds
-  as many as it is given; without a value, each file as many as drawn from the training pieces', or its
-  primer's."""
-  store.write_corpus(tmp_path / "data", {"train": texture_corpus(0), "validation": texture_corpus(1, pieces=2)})
-  run = tmp_path / "run"
-  train.train_and_evaluate(tiny(tmp_path / "data", "train.steps=200", "model.condition=polyphony"), run,
-                           progress=False)
-  quantiles = read_config(run).sample.polyphony_quantiles
-  assert len(quantiles) == train.CONTROL_QUANTILES and not read_config(run).sample.density_quantiles
-  assert quantiles[0] == pytest.approx(1.0, rel=1e-3) and 3.4 < quantiles[-1] < 3.7
-
-  def held(name, **options):
+  def played(name, **options):
     files = generate.generate(run, tmp_path / name, num=8, length=128, batch_size=8, progress=False, **options)
-    return np.array([notes_at_once(path) for path in files])
+    return np.array([measure(path) for path in files])
 
-  thin, thick = held("thin", polyphony=1.0), held("thick", polyphony=3.6)
-  assert np.median(thick) > 2.0 * np.median(thin), (thin, thick)
-  drawn = held("drawn")
+  at_low, at_high = played("low", **{option: low}), played("high", **{option: high})
+  assert np.median(at_high) > 2.0 * np.median(at_low), (at_low, at_high)
+  drawn = played("drawn")
   assert np.min(drawn) < 0.6 * np.max(drawn), drawn
-  primer = tmp_path / "thin.mid"
-  events.write_midi(texture_corpus(2, pieces=1)[0], primer)
-  primed = held("primed", primer=primer, primer_events=64)
-  assert np.median(primed) < 0.6 * np.median(thick), (primed, thick)
+  primer = tmp_path / "low.mid"
+  events.write_midi(corpus(2, pieces=2)[1], primer)
+  primed = played("primed", primer=primer, primer_events=64)
+  assert np.median(primed) < 0.6 * np.median(at_high), (primed, at_high)
 
 
 def test_piece_controls_measure_a_piece_as_the_model_measures_a_window(tmp_path):
