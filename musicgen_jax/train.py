@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -57,6 +58,9 @@ class StopRequest:
     return self
 
   def _handle(self, signum: int, frame: Any) -> None:
+    if not self.requested:  # Said once: at the default config's scale the final evaluation takes a minute or more.
+      print("musicgen: stopping: the steps under way finish, then the validation windows are scored and the run is "
+            "saved", file=sys.stderr, flush=True)
     self.requested = True
 
   def __exit__(self, *exc: Any) -> None:

@@ -202,6 +202,7 @@ def test_sigterm_saves_and_exits_cleanly(midi_folder, trained_run, tmp_path):
 
   saved = checkpointing.checkpoint_manager(workdir).latest_step()
   assert saved is not None and saved >= 10 and f"saved step {saved} " in out
+  assert err.count("musicgen: stopping:") == 1
 
 
 @pytest.mark.skipif(cudnn_lstm.platform() is not None, reason="checks a machine without cuDNN")
