@@ -32,7 +32,7 @@ def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: 
   (pitch, time, velocity; for regression heads from the Laplace and Gaussian fitted on `split`), the
   total, bits per note and per second, pitch accuracy and, for regression heads, dt MAE and velocity RMSE; and
   the `condition` they are conditional on (`model.condition`: the controls read, each window's own)."""
-  from musicgen_jax import checkpointing, config_checks, input_pipeline, models, steps
+  from musicgen_jax import checkpointing, config_checks, input_pipeline, steps
   from musicgen_jax import config as config_lib
 
   run_config = config_lib.read_config(workdir)
@@ -43,4 +43,4 @@ def evaluate_run(workdir: str | os.PathLike, data: str | os.PathLike, *, split: 
   run = checkpointing.load_run(workdir, checkpoint)
   trainer = steps.Trainer(run.config)
   metrics = trainer.evaluate(run.params, input_pipeline.eval_batches(run.config, data_dir, split), fit_likelihood=True)
-  return {**metrics, "step": run.step, "condition": "+".join(models.controls_of(run.config.model)) or "none"}
+  return {**metrics, "step": run.step, "condition": run.config.model.get("condition", "none")}

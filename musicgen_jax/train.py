@@ -184,20 +184,18 @@ def sounding_counts(pitch: np.ndarray, velocity: np.ndarray, piece: np.ndarray) 
 def piece_controls(split: store.EventStore) -> dict[str, np.ndarray]:
   """Each control measured over each whole piece of `split` with music in it, as `models.window_controls` measures
   a window, in its units: notes per second (`density`), notes sounding at once (`polyphony`)."""
-  events, starts = split.events, split.offsets[:-1]
-  piece = np.repeat(np.arange(len(starts)), np.diff(split.offsets))
+  events = split.events
+  piece = np.repeat(np.arange(split.num_pieces), split.lengths)
+  per_piece = lambda values, index=piece: np.bincount(index, values, minlength=split.num_pieces)
   dt = np.asarray(events.dt, np.float64)
   counts = sounding_counts(np.asarray(events.pitch), np.asarray(events.velocity), piece)
   # The notes sounding after an event, for the next event's dt of the same piece.
-  gap_dt = np.where(piece[1:] == piece[:-1], dt[1:], 0.0)
-  gap_counts = counts[:-1]
-  sum_by_piece = lambda values: np.bincount(piece[:-1], values, minlength=len(starts))
-  seconds = np.add.reduceat(dt, starts)
-  sounding_seconds = sum_by_piece(np.where(gap_counts > 0, gap_dt, 0.0))
+  gap_dt, gap_counts = np.where(piece[1:] == piece[:-1], dt[1:], 0.0), counts[:-1]
+  gap_sum = lambda values: per_piece(values, piece[:-1])
+  seconds, sounding_seconds = per_piece(dt), gap_sum(np.where(gap_counts > 0, gap_dt, 0.0))
   keep = (seconds > 0) & (sounding_seconds > 0)
-  notes = np.add.reduceat((np.asarray(events.velocity) > 0).astype(np.float64), starts)
-  return {"density": notes[keep] / seconds[keep],
-          "polyphony": sum_by_piece(gap_counts * gap_dt)[keep] / sounding_seconds[keep]}
+  return {"density": per_piece(np.asarray(events.velocity) > 0)[keep] / seconds[keep],
+          "polyphony": gap_sum(gap_counts * gap_dt)[keep] / sounding_seconds[keep]}
 
 
 def with_control_quantiles(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

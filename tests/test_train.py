@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from musicgen_jax import checkpointing, events, generate, models, plots, steps, store, train
+from musicgen_jax import checkpointing, events, generate, models, plots, sampling, steps, store, train
 from musicgen_jax.config import apply_overrides, load_config, read_config
 from musicgen_jax.errors import UserError
 
@@ -60,9 +60,8 @@ def notes_at_once(path) -> float:
 
 
 def window_polyphony(stream: dict) -> np.ndarray:
-  """`models.window_polyphony` of whole streams [B, T]: what the first event starts and the others end."""
-  return np.asarray(jax.jit(models.window_polyphony)({k: v[:, :-1] for k, v in stream.items()},
-                                                     {k: v[:, 1:] for k, v in stream.items()}))
+  """The polyphony control of whole streams [B, T] (`sampling.primer_controls`, compiled)."""
+  return np.asarray(jax.jit(sampling.primer_controls, static_argnums=0)(("polyphony",), stream)["polyphony"])
 
 
 # A control: (a corpus at two values of it, the low and the high value, generate's option, a file's value).
