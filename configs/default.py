@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   # or a primer's own), so that files keep one tempo and differ as pieces do. "polyphony": the same for the
   # notes sounding at once (`--polyphony`, `sample.polyphony_quantiles`). "density+polyphony": both.
   # "none": the events alone.
-  config.model.condition = "none"
+  config.model.condition = "density+polyphony"
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   config.model.param_dtype = "float32"
   # How the LSTM runs: auto (cudnn on GPUs in float32, fused on CPUs, scan elsewhere), scan, fused or cudnn.

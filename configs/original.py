@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.window = 256
     config.model.inputs = "pitch"
     config.model.heads = "regression"
+    config.model.condition = "none"  # The events alone, as the original.
     config.model.embed = 8
     config.model.hidden = 512
     config.model.layers = 2

@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.hidden = 64
     config.model.layers = 2
     config.model.dropout = 0.0
+    config.model.condition = "none"  # The tests name the controls where they test them.
     config.train.steps = 300
     config.train.batch_size = 16
     config.train.log_every = 25
