@@ -596,17 +596,24 @@ class MusicLSTM(nnx.Module):
     [batch, time, ...], or with `time_major` [time, batch, ...] as the heads compute them: the losses read
     them so, and no logits are transposed. A conditioned model reads its controls from `inputs`, by default the
     window's own (`window_controls`), broadcast to every position."""
-    missing = tuple(name for name in self.controls if name not in inputs)
-    if missing:
-      if targets is None:
-        raise ValueError(f"a conditioned model needs inputs[{missing[0]!r}] or the targets to compute it from")
-      inputs = {**inputs, **{name: jnp.broadcast_to(value[:, None], inputs["pitch"].shape)
-                             for name, value in window_controls(missing, inputs, targets, held).items()}}
+    inputs = self.with_controls(inputs, targets, held)
     if state is None:
       state = self.initial_state(inputs["pitch"].shape[0])
     features, final = self.features(inputs, state)
     outputs = self.window_outputs(features, inputs, targets, held, isolate_heads=isolate_heads, rngs=rngs)
     return (outputs if time_major else swap_batch_time(outputs)), final
+
+  def with_controls(self, inputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Array] | None,
+                    held: jax.Array | None) -> Mapping[str, jax.Array]:
+    """`inputs` [batch, time] with each control this model reads and they lack: the window's own
+    (`window_controls` of `inputs`, `targets` and `held`), broadcast to every position."""
+    missing = tuple(name for name in self.controls if name not in inputs)
+    if not missing:
+      return inputs
+    if targets is None:
+      raise ValueError(f"a conditioned model needs inputs[{missing[0]!r}] or the targets to compute it from")
+    return {**inputs, **{name: jnp.broadcast_to(value[:, None], inputs["pitch"].shape)
+                         for name, value in window_controls(missing, inputs, targets, held).items()}}
 
   def window_outputs(self, features: jax.Array, inputs: Mapping[str, jax.Array],
                      targets: Mapping[str, jax.Array] | None, held: jax.Array | None, *, isolate_heads: bool,

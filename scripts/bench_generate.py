@@ -163,10 +163,12 @@ def main() -> None:
   settings = sampling.make_settings(config)
   regression = apply_overrides(config, ["model.heads=regression"])
   regression_graphdef, regression_state = steps.create_train_state(regression)
+  # The original's model reads the events alone.
+  original_graphdef, original_state = steps.create_train_state(apply_overrides(regression, ["model.condition=none"]))
   has_torch = not args.no_torch and torch_available()
   load_before = os.getloadavg()[0]
 
-  original = best_rates({"original": (original_loop(regression_graphdef, regression_state.params, settings,
+  original = best_rates({"original": (original_loop(original_graphdef, original_state.params, settings,
                                                     config.data.window),
                                       ORIGINAL_EVENTS_PER_CALL)}, args.seconds, args.rounds)["original"]
   rows = []

@@ -45,7 +45,8 @@ def main() -> None:
   def gradients(params: nnx.State, features: jax.Array, key: jax.Array) -> tuple[nnx.State, jax.Array]:
     def loss(params: nnx.State, features: jax.Array) -> jax.Array:
       model = nnx.merge(graphdef, params)
-      outputs = model.window_outputs(features, batch["inputs"], batch["targets"], batch["held"],
+      inputs = model.with_controls(batch["inputs"], batch["targets"], batch["held"])
+      outputs = model.window_outputs(features, inputs, batch["targets"], batch["held"],
                                      isolate_heads=config.train.isolation == "strict", rngs=nnx.Rngs(dropout=key))
       sums = losses.event_sums(outputs, models.swap_batch_time(batch["targets"]), weights[:, None], model.time_bins)
       return sum(losses.losses_from_sums(sums).values())

@@ -429,6 +429,10 @@ def test_a_conditioned_model_reads_the_window_s_controls_unless_given_others_in_
   own, _ = run(model, x, None, TARGETS, held=held)
   window = {name: jnp.broadcast_to(value[:, None], (3, 12))
             for name, value in models.window_controls(model.controls, x, TARGETS, held).items()}
+  completed = model.with_controls(x, TARGETS, held)
+  assert set(completed) == set(x) | set(names) and plain.with_controls(x, TARGETS, held) is x
+  for name in completed:
+    np.testing.assert_array_equal(completed[name], dict(x, **window)[name])
   given, _ = run(model, dict(x, **window), None, TARGETS, held=held)
   for key in own:
     np.testing.assert_array_equal(own[key], given[key])
