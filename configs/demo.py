@@ -29,4 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Pitches drawn from the nucleus of mass 0.9: from the whole distribution an unlikely pitch now and
     # then came with an onset at another velocity than the chorales' single one.
     config.sample.top_p = 0.9
+    # The controls, which configs/tiny.py leaves out: the chorales keep one tempo, but a file told its texture
+    # holds its voices (stats overlap 0.835-0.859 against 0.818-0.830 without, over two training seeds).
+    config.model.condition = "density+polyphony"
   return config

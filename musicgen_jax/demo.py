@@ -67,6 +67,8 @@ def run_demo(home: str | os.PathLike | None = None, *, steps: int | None = None,
       "Try next:",
       f"  musicgen generate --workdir {run} --out {generated} --num 16 --seconds 30 --overwrite  (drawn as the "
       "run's config says, pitches from the nucleus of mass 0.9; --top-p 1 draws from the whole distribution)",
+      f"  musicgen generate --workdir {run} --out {generated} --num 4 --notes-per-second 6 --polyphony 3.3 "
+      "--overwrite  (slower and thinner than most chorales; left out, each file's are drawn from the chorales')",
       f"  musicgen stats {generated} --reference {data_dir}  (how the samples compare with the chorales)",
       f"  musicgen evaluate --workdir {run} --data {data_dir}  (NLL per event and bits per note)",
       f"  musicgen plot {run}  (training curves)",
