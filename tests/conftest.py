@@ -4,8 +4,11 @@ for the whole run, and the MAESTRO location."""
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from absl import flags
@@ -60,7 +63,8 @@ def four_cpu_devices() -> dict[str, str]:
   return {**with_xla_flag(dict(os.environ), "--xla_force_host_platform_device_count=4"), "JAX_PLATFORMS": "cpu"}
 
 MAESTRO_ENV = "MUSICGEN_MAESTRO"
-DEFAULT_MAESTRO = Path(__file__).resolve().parents[1] / ".." / "shared" / "maestro-v3.0.0"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MAESTRO = REPO / ".." / "shared" / "maestro-v3.0.0"
 
 
 def maestro_root() -> Path | None:
@@ -78,6 +82,18 @@ def maestro() -> Path:
   return root
 
 
+@pytest.fixture
+def run_python() -> Callable[..., subprocess.CompletedProcess]:
+  """A function that runs `python ARGS` (a script of `scripts/`, or `-c CODE`) from the folder `cwd` in a new
+  process that imports this checkout's `musicgen_jax` and `configs`, as the scripts expect; output as text."""
+
+  def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+  return run
+
+
 def set_modes(modes: dict[Path, int]) -> None:
   for path, mode in modes.items():
     path.chmod(mode)
@@ -89,10 +105,6 @@ def make_read_only():
   does not stop) a read-only tmpfs holding a copy is mounted over it, else its permissions are dropped.
   Skips the test where neither can be done.
   """
-  import shutil
-  import subprocess
-  import tempfile
-
   undo = []
 
   def make(folder: Path) -> Path:

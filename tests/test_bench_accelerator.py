@@ -3,9 +3,6 @@ cannot be imported (a GPU machine may lack them): every case it can run here run
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from musicgen_jax import cudnn_lstm
@@ -15,7 +12,7 @@ SCRIPT = REPO / "scripts" / "bench_accelerator.py"
 BLOCKED = ("grain", "note_seq", "orbax", "tensorboardX")
 
 
-def test_smoke_run_writes_every_case_without_the_training_loop_imports(tmp_path):
+def test_smoke_run_writes_every_case_without_the_training_loop_imports(tmp_path, run_python):
   out = tmp_path / "bench.json"
   wrapper = "\n".join([
       "import runpy, sys",
@@ -24,9 +21,7 @@ def test_smoke_run_writes_every_case_without_the_training_loop_imports(tmp_path)
       f"sys.argv = [{str(SCRIPT)!r}, '--smoke', '--budget-s', '3600', '--out', {str(out)!r}]",
       "runpy.run_path(sys.argv[0], run_name='__main__')",
   ])
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  process = subprocess.run([sys.executable, "-c", wrapper], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=600)
+  process = run_python("-c", wrapper, cwd=tmp_path)
   assert process.returncode == 0, process.stderr
   assert "training events/s" in process.stdout and "generation events/s" in process.stdout
   result = json.loads(out.read_text())

@@ -1,9 +1,6 @@
 """The throughput benchmarks run on a conditioned model, as `configs/default.py` is, and report real rates."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,10 +15,8 @@ CONDITIONED = ["--config", "tiny", "model.condition=density+polyphony"]
                         report["rows"][0]["jax_scan_regression"])),
     ("bench_heads.py", ["--calls", "1", "--rounds", "1"], lambda report: report["events_per_s"]),
 ])
-def test_a_benchmark_runs_on_a_conditioned_model(script, arguments, rate):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  process = subprocess.run([sys.executable, str(REPO / "scripts" / script), *arguments, *CONDITIONED],
-                           cwd=REPO / "scripts", env=env, capture_output=True, text=True, timeout=600)
+def test_a_benchmark_runs_on_a_conditioned_model(script, arguments, rate, run_python):
+  process = run_python(str(REPO / "scripts" / script), *arguments, *CONDITIONED, cwd=REPO / "scripts")
   assert process.returncode == 0, process.stderr
   report = json.loads(process.stdout.splitlines()[-1])
   assert report["overrides"] == CONDITIONED[2:] and rate(report) > 0

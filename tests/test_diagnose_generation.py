@@ -2,9 +2,6 @@
 and the model's side is a distribution's expectation."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -47,10 +44,10 @@ def run_and_data(tmp_path_factory) -> tuple[Path, Path, list[store.Events]]:
   return root / "run", root / "data", pieces
 
 
-def diagnose(*args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([sys.executable, str(REPO / "scripts" / "diagnose_generation.py"), *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture
+def diagnose(run_python):
+  """`scripts/diagnose_generation.py ARGS` in a new process."""
+  return lambda *args: run_python(str(REPO / "scripts" / "diagnose_generation.py"), *args)
 
 
 def held_after_each_event(piece: store.Events) -> np.ndarray:
@@ -61,7 +58,7 @@ def held_after_each_event(piece: store.Events) -> np.ndarray:
   return np.array(counts)
 
 
-def test_the_real_side_is_what_the_pieces_hold_and_the_model_side_a_distribution(run_and_data):
+def test_the_real_side_is_what_the_pieces_hold_and_the_model_side_a_distribution(run_and_data, diagnose):
   run, data, pieces = run_and_data
   process = diagnose("--workdir", str(run), "--data", str(data), "--pieces", str(PIECES), "--length", str(LENGTH),
                      "--primer", str(PRIMER), "--continuation", str(CONTINUATION), "--segment", str(SEGMENT), "--json")
@@ -102,7 +99,7 @@ def test_the_real_side_is_what_the_pieces_hold_and_the_model_side_a_distribution
   assert "expected dt read from the start against from a zero state" in tables.stdout
 
 
-def test_too_few_long_pieces_is_one_line(run_and_data):
+def test_too_few_long_pieces_is_one_line(run_and_data, diagnose):
   run, data, _ = run_and_data
   process = diagnose("--workdir", str(run), "--data", str(data), "--pieces", "4", "--length", "16", "--primer", "8",
                      "--continuation", "8")

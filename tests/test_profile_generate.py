@@ -1,20 +1,14 @@
 """scripts/profile_generate.py at tiny shapes: it traces the real sampler and names the ops that took longest."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_profile_lists_the_sampler_s_ops_per_step():
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-  process = subprocess.run(
-      [sys.executable, str(REPO / "scripts" / "profile_generate.py"), "--config", "tiny", "--batch", "4",
-       "--length", "8", "--calls", "1", "--top", "5"], cwd=REPO / "scripts", env=env, capture_output=True, text=True,
-      timeout=600)
+def test_profile_lists_the_sampler_s_ops_per_step(run_python):
+  process = run_python(str(REPO / "scripts" / "profile_generate.py"), "--config", "tiny", "--batch", "4",
+                       "--length", "8", "--calls", "1", "--top", "5", cwd=REPO / "scripts")
   assert process.returncode == 0, process.stderr
   lines = process.stdout.splitlines()
   assert "distribution heads), B = 4" in lines[0]
