@@ -163,7 +163,7 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
   replaced only with `overwrite`. The sampling options left None are the run's `sample.*` settings. A
   conditioned run plays every file at `notes_per_second` and holds `polyphony` notes at once on average (for
   the controls it reads), or else at its primer's, or else at values drawn for each file from the training
-  pieces' (`sampling.sequence_controls`).
+  pieces', stratified over the `num` files (`sampling.sequence_controls`).
   Every user mistake is a UserError.
   """
   from tqdm import tqdm
@@ -202,8 +202,9 @@ def generate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, num: int
 
   def batch_of(first: int) -> Any:
     keys = jax.device_put(sampling.sequence_keys(seed, first, batch), sharded)
-    sequence_controls = sampling.sequence_controls(run.config, keys, given) if primed is None else primed
-    return sample_batch(run.graphdef, params, state, event, keys, settings, held, length, seconds, sequence_controls)
+    file_controls = primed if primed is not None else jax.device_put(
+        sampling.sequence_controls(run.config, seed, first, batch, num, given), sharded)
+    return sample_batch(run.graphdef, params, state, event, keys, settings, held, length, seconds, file_controls)
 
   batches = one_ahead((first, batch_of(first)) for first in range(0, num, batch))
   with tqdm(total=num, unit="file", desc="generating", disable=not progress, dynamic_ncols=True) as bar:

@@ -177,7 +177,7 @@ def log_samples(run_dir: str | os.PathLike, graphdef: nnx.GraphDef, params: nnx.
   state, event = sampling.prime_compiled(graphdef, params, None)
   keys = sampling.sequence_keys(config.seed, 0, num)
   batch = jax.device_get(sampling.sample_compiled(graphdef, params, state, event, keys, settings, length,
-                                                  controls=sampling.sequence_controls(config, keys))[0])
+                                                  controls=sampling.sequence_controls(config, config.seed, 0, num))[0])
   files = generate.output_paths(generate.make_out_dir(rundir.samples_dir(run_dir, step)), "sample", num)
   for row, path in enumerate(files):
     stream = sampling.to_events(batch, row)

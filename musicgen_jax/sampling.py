@@ -25,7 +25,9 @@ Every sequence starts from a batch-1 `(state, event)` broadcast to the batch:
 
 Sequence i of a call draws from `fold_in(key(seed), i)` and step t of it from `fold_in(that, t)`, so
 the same arguments write the same bytes. Another batch size draws the same random numbers, but the
-matmuls of another shape may round differently, which can change a file.
+matmuls of another shape may round differently, which can change a file. The controls a conditioned model
+draws are stratified over the set of sequences (`sequence_controls`): the same seed and set size, the same
+controls.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from musicgen_jax import distributions, models, store
 from musicgen_jax.errors import UserError
 
 START_EVENT = {"pitch": 60, "dt": 0.0, "velocity": 0.0}  # A release of middle C at dt 0.
-# Folded into a sequence's key for its draw of each control (density, polyphony); step numbers stay below them.
+# Folded into a sequence's key for its draw of each control (density, polyphony), and into the seed's key for the
+# order of the set's slices (`sequence_controls`); step and sequence numbers stay below them.
 CONTROL_STREAMS = {"density": 2**31 - 1, "polyphony": 2**31 - 2}
 CONTROL_OPTIONS = {"density": "--notes-per-second", "polyphony": "--polyphony"}  # How `generate` sets each.
 
@@ -267,25 +270,36 @@ def control_value(name: str, value: Any) -> jax.Array:
   return models.density_control(value, 1.0) if name == "density" else models.polyphony_control(value)
 
 
-def sequence_controls(config: ml_collections.ConfigDict, keys: jax.Array,
+def sequence_controls(config: ml_collections.ConfigDict, seed: int, first: int, count: int, total: int | None = None,
                       given: Mapping[str, float | None] | None = None) -> dict[str, jax.Array] | None:
-  """The controls ({name: [B]}) of the sequences of `keys` for a conditioned run (None for another): each
-  `given` value (in its units, see `control_value`) for every sequence, or else each sequence's own draw from
-  the run's `sample.<control>_quantiles` (between two quantiles, log-linear), made with its key."""
+  """The controls ({name: [count]}) of sequences first, ..., first + count - 1 of a set of `total` (default `count`)
+  drawn with `seed`, for a conditioned run (None for another): each `given` value (in its units, see
+  `control_value`) for every sequence, or else a draw from the run's `sample.<control>_quantiles` (between two
+  quantiles, log-linear) stratified over the set: its `total` sequences take one each of `total` equal slices of
+  the distribution, in an order drawn from the seed (its own for each control), each at a point drawn with the
+  sequence's key inside its slice. Each sequence on its own is a draw from the training pieces' values, and a set
+  spreads over their range as evenly as its size allows, where independent draws would clump by chance (the
+  mean density of 64 such draws ran from 7% below to 7% above the pieces', 5th to 95th percentile of 1,000 seeds)."""
   names = models.controls_of(config.model)
   if not names:
     return None
+  total = count if total is None else total
+  indices = jnp.arange(first, first + count)
+  keys = sequence_keys(seed, first, count)
   controls = {}
   for name in names:
     value = (given or {}).get(name)
     if value is not None:
-      controls[name] = jnp.full(keys.shape, control_value(name, value))
+      controls[name] = jnp.full((count,), control_value(name, value))
       continue
     quantiles = np.asarray(config.sample.get(f"{name}_quantiles") or (), np.float64)
     if quantiles.size < 2:
       raise UserError(f"the run's config.json has no sample.{name}_quantiles (training sets them): pass "
                       f"{CONTROL_OPTIONS[name]}, or add them to its \"sample\" section")
-    points = uniform(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, CONTROL_STREAMS[name]))
+    stream = CONTROL_STREAMS[name]
+    # Rows past the set (a padded last batch, never written) reuse slices of the set.
+    slices = jax.random.permutation(jax.random.fold_in(jax.random.key(seed), stream), total)[indices % total]
+    points = (slices + uniform(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, stream))) / total
     controls[name] = control_value(
         name, jnp.exp(jnp.interp(points, jnp.linspace(0.0, 1.0, quantiles.size), jnp.log(jnp.asarray(quantiles)))))
   return controls

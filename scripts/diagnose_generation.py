@@ -230,7 +230,7 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
   state, event = sampling.start(model)
   keys = sampling.sequence_keys(args.seed, 0, args.pieces)
   own, _ = sampling.sample_compiled(run.graphdef, run.params, state, event, keys, settings, args.length,
-                                    controls=sampling.sequence_controls(run.config, keys))
+                                    controls=sampling.sequence_controls(run.config, args.seed, 0, args.pieces))
   streams = {"real": {k: v[:, :args.length] for k, v in pieces.items()}, "own samples": jax.tree.map(np.asarray, own)}
   depths = {name: calibration(model, events, args.segment) for name, events in streams.items()}
   return {"workdir": str(args.workdir), "step": run.step, "split": args.split, "pieces": args.pieces,

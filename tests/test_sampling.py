@@ -613,31 +613,41 @@ def test_the_sampler_reads_what_the_training_model_reads(order):
     np.testing.assert_allclose(chosen, likeliest, atol=1e-3, err_msg=name)
 
 
-def test_each_file_s_controls_are_drawn_from_the_quantiles_with_its_own_key():
+def test_a_set_s_controls_are_drawn_from_the_quantiles_one_in_each_slice():
   config = apply_overrides(tiny_config("distribution"), ["model.condition=density+polyphony",
                                                          "sample.density_quantiles=(2.0, 8.0, 32.0)",
                                                          "sample.polyphony_quantiles=(1.0, 4.0, 16.0)"])
-  keys = sampling.sequence_keys(3, 0, 4000)
   in_units = lambda controls: {name: np.exp(np.asarray(value)) * reference for (name, value), reference in zip(
       controls.items(), (models.DENSITY_REFERENCE, models.POLYPHONY_REFERENCE))}
-  drawn = in_units(sampling.sequence_controls(config, keys))
+  drawn = in_units(sampling.sequence_controls(config, 3, 0, 4000))
   for name, low in (("density", 2.0), ("polyphony", 1.0)):
     assert low * (1 - 1e-5) <= drawn[name].min() and drawn[name].max() <= 16 * low * (1 + 1e-5)
-    # Log-linear between the quantiles: a quarter below twice the lowest, half below 4 times, three quarters below 8.
-    for factor, share in ((2.0, 0.25), (4.0, 0.5), (8.0, 0.75)):
-      assert abs(np.mean(drawn[name] < factor * low) - share) < 0.03, (name, factor)
-  # Each control from its own stream of the key: the two draws are unrelated.
+    # Log-linear between the quantiles (a value v sits at the point log(v / low) / log(16)), one sequence in each
+    # of the 4000 slices of the points.
+    offsets = np.sort(np.log(drawn[name] / low) / np.log(16.0)) * 4000 - np.arange(4000)
+    assert offsets.min() > -0.01 and offsets.max() < 1.01, (name, offsets.min(), offsets.max())
+  # Each control in its own order: the two draws are unrelated.
   assert abs(np.corrcoef(np.log(drawn["density"]), np.log(drawn["polyphony"]))[0, 1]) < 0.05
-  # A sequence draws the same controls whatever the batch it is drawn in.
-  later = in_units(sampling.sequence_controls(config, sampling.sequence_keys(3, 100, 5)))
+  # A sequence draws the same controls whatever the batch it is drawn in; another seed draws others.
+  later = in_units(sampling.sequence_controls(config, 3, 100, 5, 4000))
   for name in drawn:
     np.testing.assert_allclose(later[name], drawn[name][100:105], rtol=1e-5)
-  told = sampling.sequence_controls(config, keys[:3], {"density": 5.0, "polyphony": None})
+  assert not np.allclose(in_units(sampling.sequence_controls(config, 4, 0, 8))["density"], drawn["density"][:8])
+  # Each sequence on its own is a draw from the quantiles: over many seeds of sets of 4, a quarter of the first
+  # sequences' densities fall below twice the lowest, half below 4 times, three quarters below 8.
+  firsts = np.array([in_units(sampling.sequence_controls(config, seed, 0, 1, 4))["density"][0] for seed in range(400)])
+  for factor, share in ((2.0, 0.25), (4.0, 0.5), (8.0, 0.75)):
+    assert abs(np.mean(firsts < factor * 2.0) - share) < 0.08, factor
+  # A padded last batch (rows past the set) still gets controls in range.
+  padded = in_units(sampling.sequence_controls(config, 3, 3996, 8, 4000))
+  np.testing.assert_allclose(padded["density"][:4], drawn["density"][3996:], rtol=1e-5)
+  assert 2.0 * (1 - 1e-5) <= padded["density"].min() and padded["density"].max() <= 32.0 * (1 + 1e-5)
+  told = sampling.sequence_controls(config, 3, 0, 3, 4000, {"density": 5.0, "polyphony": None})
   np.testing.assert_allclose(told["density"], np.log(5.0 / models.DENSITY_REFERENCE), rtol=1e-6)
   np.testing.assert_allclose(in_units(told)["polyphony"], drawn["polyphony"][:3], rtol=1e-5)
-  assert sampling.sequence_controls(tiny_config("distribution"), keys) is None
+  assert sampling.sequence_controls(tiny_config("distribution"), 3, 0, 4) is None
   with pytest.raises(UserError, match="polyphony_quantiles.*--polyphony"):
-    sampling.sequence_controls(apply_overrides(config, ["sample.polyphony_quantiles=()"]), keys)
+    sampling.sequence_controls(apply_overrides(config, ["sample.polyphony_quantiles=()"]), 3, 0, 4)
 
 
 @pytest.mark.parametrize("heads", models.HEAD_MODES)
