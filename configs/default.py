@@ -40,8 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   # window), which generation sets per file (`--notes-per-second`, or drawn from `sample.density_quantiles`,
   # or a primer's own), so that files keep one tempo and differ as pieces do. "polyphony": the same for the
   # notes sounding at once (`--polyphony`, `sample.polyphony_quantiles`). "density+polyphony": both, by
-  # default (at 4,500 steps the files' density +8% to +17% of the validation pieces' against +23% to +33% with
-  # "none", and their notes held no longer climb). "none": the events alone.
+  # default (at 4,500 steps the files' density +12% of the validation pieces' against +23% to +33% with "none",
+  # and their notes held no longer climb). "none": the events alone.
   config.model.condition = "density+polyphony"
   config.model.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators.
   config.model.param_dtype = "float32"
