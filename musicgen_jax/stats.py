@@ -107,8 +107,13 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def bandwidth(samples: np.ndarray, floor: float) -> float:
-  """Scott's rule for a 1-D Gaussian kernel, at least `floor`."""
-  return max(float(np.std(samples)) * len(samples) ** -0.2, floor)
+  """Scott's rule for a 1-D Gaussian kernel, with the spread taken as the smaller of the standard deviation and the
+  interquartile range / 1.349 (equal for a normal sample), at least `floor`. The quartiles keep a few outliers from
+  widening the kernel of the rest: judged against real music whose feature is one value (the chorales' velocity),
+  a set of files all but one of which have that value stays a peak there, where the standard deviation alone spread
+  it so wide that one note's velocity in 8,000 cut the feature's overlap from 1 to 0.23."""
+  lower, upper = np.percentile(samples, [25, 75])
+  return max(min(float(np.std(samples)), float(upper - lower) / 1.349) * len(samples) ** -0.2, floor)
 
 
 def kde_masses(samples: np.ndarray, width: float, edges: np.ndarray) -> np.ndarray:
