@@ -8,8 +8,9 @@ were found.
 
   python scripts/profile_train.py [--config default] [--steps 2] [--top 30] [--trace-dir DIR] [key=value ...]
 
-On several cores XLA runs independent ops at once and a matmul's helpers are not traced, so the
-per-op times do not add up to the step; `taskset -c 0 python scripts/profile_train.py` gives times
+On several cores XLA runs independent ops at once and a matmul's helpers are not traced (a plain XLA
+dot, such as the LSTM's weight gradients, shows only its launch while the thread pool computes it), so
+the per-op times do not add up to the step; `taskset -c 0 python scripts/profile_train.py` gives times
 that do (one core: every op runs alone).
 """
 
