@@ -122,14 +122,14 @@ def test_a_denser_set_overlaps_less_on_density():
 
 def test_one_outlier_among_equal_values_barely_moves_the_overlap():
   # The reference's velocity is one value (as the chorales'); 31 of 32 judged pieces have it, one has a note at 69.
-  reference = stats.feature_matrices([from_notes(C_MAJOR, np.arange(8), np.arange(8) + 1, 90) for _ in range(12)])
-  velocities = [np.full(8, 90)] * 31 + [np.array([90, 90, 69, 90, 90, 90, 90, 90])]
-  judged = stats.feature_matrices([from_notes(C_MAJOR, np.arange(8), np.arange(8) + 1, v) for v in velocities])
+  pieces = lambda velocities: stats.feature_matrices(
+      [from_notes(C_MAJOR, np.arange(8), np.arange(8) + 1, velocity) for velocity in velocities])
+  reference = pieces([90] * 12)
+  overlaps = stats.compare(pieces([np.full(8, 90)] * 31 + [np.array([90, 90, 69, 90, 90, 90, 90, 90])]), reference)
   for name in ("velocity_mean", "velocity_std", "velocity_histogram"):
-    assert stats.compare(judged, reference)[name]["overlap"] > 0.9, name
+    assert overlaps[name]["overlap"] > 0.9, name
   # Spread out, it still counts: a quarter of the pieces at 69 overlap far less.
-  quarter = stats.feature_matrices([from_notes(C_MAJOR, np.arange(8), np.arange(8) + 1, 69 if i % 4 == 0 else 90)
-                                    for i in range(32)])
+  quarter = pieces([69 if i % 4 == 0 else 90 for i in range(32)])
   assert stats.compare(quarter, reference)["velocity_mean"]["overlap"] < 0.8
 
 
